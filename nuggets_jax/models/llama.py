@@ -1,0 +1,341 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) in Flax NNX.
+
+Layers are stacked on a leading axis and run under `jax.lax.scan`, so a 30- or 80-layer model
+compiles as one layer. Three entry points share the same layer code:
+
+- `__call__` / `hidden`: whole sequences, for parity tests, embeddings and fine-tuning;
+- `encode_prefix`: a batch of candidate prefixes -> their per-layer K/V (`PrefixCache`);
+- `forward_rows`: rows of task tokens, every row attending to its candidate's cached prefix
+  (broadcast inside the attention, never copied per row), several tasks per row allowed
+  (segment ids), then `token_logprobs` applies the LM head only where the caller asks.
+
+Shape letters: N layers, C candidates, R rows, L row tokens, P prefix tokens, K kv heads,
+G query heads per kv head, H = K*G heads, Dh head dim, D model dim, F MLP dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nuggets_jax.models.config import ModelConfig
+
+_MASKED = -1e30  # finite, so fully masked (padding) rows stay finite instead of NaN.
+
+
+class PrefixCache(NamedTuple):
+    """Per-layer keys/values of a batch of prefixes; RoPE already applied to the keys."""
+
+    keys: jax.Array  # [N, C, P, K, Dh]
+    values: jax.Array  # [N, C, P, K, Dh]
+    mask: jax.Array  # [C, P] bool: real prefix token
+    lengths: jax.Array  # [C] int32: real prefix tokens; task positions start here
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies [Dh/2] in float32, with Llama-3 or linear scaling applied."""
+    dh = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # Llama 3: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    band = scaling.high_freq_factor - scaling.low_freq_factor
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / band
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, blended, scaled)
+
+
+def _rope_tables(config: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., Dh] for integer positions [...] (rotate-half layout, as in HF)."""
+    angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(config)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [..., heads, Dh]; cos/sin [..., Dh] broadcast over the heads axis."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[..., None, :] + rotated * sin[..., None, :]
+
+
+def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # Normalise in float32, cast back, then scale: the order HF uses, so bf16 matches too.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    y = jnp.einsum("...i,io->...o", x, kernel)
+    return y if bias is None else y + bias
+
+
+class DecoderStack(nnx.Module):
+    """All decoder layers, each parameter stacked on a leading [N] axis."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        n, d, f = config.num_layers, config.hidden_size, config.intermediate_size
+        hq, hkv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        init = nnx.initializers.normal(0.02)
+
+        def kernel(shape):
+            return nnx.Param(init(rngs.params(), (n, *shape), dtype))
+
+        def vector(size, value=0.0):
+            return nnx.Param(jnp.full((n, size), value, dtype))
+
+        self.input_norm = vector(d, 1.0)
+        self.q_proj = kernel((d, hq))
+        self.k_proj = kernel((d, hkv))
+        self.v_proj = kernel((d, hkv))
+        self.o_proj = kernel((hq, d))
+        self.q_bias = vector(hq) if config.qkv_bias else None
+        self.k_bias = vector(hkv) if config.qkv_bias else None
+        self.v_bias = vector(hkv) if config.qkv_bias else None
+        self.o_bias = vector(d) if config.o_bias else None
+        self.post_attention_norm = vector(d, 1.0)
+        self.gate_proj = kernel((d, f))
+        self.up_proj = kernel((d, f))
+        self.down_proj = kernel((f, d))
+        self.gate_bias = vector(f) if config.mlp_bias else None
+        self.up_bias = vector(f) if config.mlp_bias else None
+        self.down_bias = vector(d) if config.mlp_bias else None
+
+    def stacked(self) -> dict[str, jax.Array]:
+        """The layer parameters as a plain dict of [N, ...] arrays, for `jax.lax.scan`."""
+        out = {}
+        for name, value in vars(self).items():
+            if isinstance(value, nnx.Param):
+                out[name] = value[...]
+        return out
+
+
+def _attention(
+    q: jax.Array,  # [C, R, L, K, G, Dh]
+    k: jax.Array,  # [C, R, L, K, Dh]
+    v: jax.Array,  # [C, R, L, K, Dh]
+    row_mask: jax.Array,  # bool, broadcastable to [C, R, L(query), L(key)]
+    prefix: tuple[jax.Array, jax.Array, jax.Array] | None,  # k, v [C, P, K, Dh]; mask to [C, R, L, P]
+) -> jax.Array:
+    """Softmax attention over [prefix keys ++ row keys] in float32; returns [C, R, L, K, G, Dh]."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    f32 = jnp.float32
+    s_row = jnp.einsum("crlkgd,crmkd->crkglm", q, k, preferred_element_type=f32) * scale
+    s_row = jnp.where(row_mask[:, :, None, None], s_row, _MASKED)
+    peak = jnp.max(s_row, axis=-1, keepdims=True)
+    if prefix is not None:
+        kp, vp, prefix_mask = prefix
+        s_pre = jnp.einsum("crlkgd,cpkd->crkglp", q, kp, preferred_element_type=f32) * scale
+        s_pre = jnp.where(prefix_mask[:, :, None, None], s_pre, _MASKED)
+        peak = jnp.maximum(peak, jnp.max(s_pre, axis=-1, keepdims=True))
+    e_row = jnp.exp(s_row - peak)
+    denom = jnp.sum(e_row, axis=-1)  # [C, R, K, G, L]
+    out = jnp.einsum("crkglm,crmkd->crlkgd", e_row.astype(v.dtype), v, preferred_element_type=f32)
+    if prefix is not None:
+        e_pre = jnp.exp(s_pre - peak)
+        denom = denom + jnp.sum(e_pre, axis=-1)
+        out = out + jnp.einsum("crkglp,cpkd->crlkgd", e_pre.astype(vp.dtype), vp, preferred_element_type=f32)
+    # Normalise after the value product: [.., L, Dh] is smaller than the [.., L, P + L] weights.
+    out = out / jnp.moveaxis(denom, -1, 2)[..., None]
+    return out.astype(q.dtype)
+
+
+def _decoder_layer(
+    config: ModelConfig,
+    p: dict[str, jax.Array],
+    x: jax.Array,  # [C, R, L, D]
+    cos: jax.Array,  # [C, R, L, Dh]
+    sin: jax.Array,
+    row_mask: jax.Array,
+    prefix_kv: tuple[jax.Array, jax.Array] | None,  # this layer's k, v [C, P, K, Dh]
+    prefix_mask: jax.Array | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One pre-norm decoder layer; returns the new residual stream and this layer's (k, v)."""
+    c, r, length, _ = x.shape
+    kh, g, dh = config.num_kv_heads, config.groups, config.head_dim
+    h = _rms_norm(x, p["input_norm"], config.rms_norm_eps)
+    q = _linear(h, p["q_proj"], p.get("q_bias")).reshape(c, r, length, kh * g, dh)
+    k = _linear(h, p["k_proj"], p.get("k_bias")).reshape(c, r, length, kh, dh)
+    v = _linear(h, p["v_proj"], p.get("v_bias")).reshape(c, r, length, kh, dh)
+    q = _apply_rope(q, cos, sin).reshape(c, r, length, kh, g, dh)
+    k = _apply_rope(k, cos, sin)
+    prefix = None if prefix_kv is None else (*prefix_kv, prefix_mask)
+    attn = _attention(q, k, v, row_mask, prefix).reshape(c, r, length, kh * g * dh)
+    x = x + _linear(attn, p["o_proj"], p.get("o_bias"))
+    h = _rms_norm(x, p["post_attention_norm"], config.rms_norm_eps)
+    gate = _linear(h, p["gate_proj"], p.get("gate_bias"))
+    up = _linear(h, p["up_proj"], p.get("up_bias"))
+    x = x + _linear(jax.nn.silu(gate) * up, p["down_proj"], p.get("down_bias"))
+    return x, (k, v)
+
+
+class Llama(nnx.Module):
+    """Llama-family causal LM. Parameters live in `dtype` (float32 on CPU, bfloat16 on TPU/GPU)."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        d, vocab = config.hidden_size, config.vocab_size
+        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab, d), dtype))
+        self.layers = DecoderStack(config, dtype=dtype, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((d,), dtype))
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (d, vocab), dtype))
+        )
+
+    # -- the shared trunk ---------------------------------------------------------------------
+
+    def _run_layers(
+        self,
+        x: jax.Array,  # [C, R, L, D]
+        positions: jax.Array,  # [C, R, L] int
+        row_mask: jax.Array,
+        prefix: PrefixCache | None,
+        prefix_mask: jax.Array | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        config = self.config
+        cos, sin = _rope_tables(config, positions, self.dtype)
+
+        def body(x, layer):
+            params, kv = layer
+            return _decoder_layer(config, params, x, cos, sin, row_mask, kv, prefix_mask)
+
+        kv_in = None if prefix is None else (prefix.keys, prefix.values)
+        x, kv_out = jax.lax.scan(body, x, (self.layers.stacked(), kv_in))
+        return _rms_norm(x, self.final_norm[...], config.rms_norm_eps), kv_out
+
+    def _window(self, query_pos: jax.Array, key_pos: jax.Array) -> jax.Array | bool:
+        """Sliding-window condition (Mistral): a query sees keys less than `window` behind it."""
+        if self.config.sliding_window is None:
+            return True
+        return (query_pos[..., :, None] - key_pos[..., None, :]) < self.config.sliding_window
+
+    # -- whole sequences ------------------------------------------------------------------------
+
+    def hidden(
+        self, tokens: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """Final-norm hidden states [B, L, D] of whole sequences.
+
+        Args:
+          tokens: [B, L] int token ids.
+          attention_mask: [B, L], 1/True for real tokens (padding on either side), default all real.
+          positions: [B, L] RoPE positions; default 0..L-1 (HF's default, right for right padding).
+        """
+        b, length = tokens.shape
+        valid = jnp.ones((b, length), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        row_mask = causal[None] & valid[:, None, :] & self._window(positions, positions)  # [B, L, L]
+        x = self.embed[...][tokens][:, None]  # [B, 1, L, D]
+        h, _ = self._run_layers(x, positions[:, None], row_mask[:, None], None, None)
+        return h[:, 0]
+
+    def __call__(
+        self, tokens: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """Logits [B, L, V] in float32 of whole sequences (see `hidden` for the arguments)."""
+        return self.logits(self.hidden(tokens, attention_mask, positions))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """LM head: hidden [..., D] -> logits [..., V] in float32."""
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+    # -- prefix-cached scoring ----------------------------------------------------------------
+
+    def encode_prefix(self, tokens: jax.Array, mask: jax.Array) -> PrefixCache:
+        """Encodes candidate prefixes once.
+
+        Args:
+          tokens: [C, P] int, right-padded.
+          mask: [C, P], True for real tokens. A row may be all padding (the zero-shot "candidate").
+        Returns:
+          The per-layer K/V and mask of every prefix.
+        """
+        c, p = tokens.shape
+        mask = mask.astype(bool)
+        positions = jnp.broadcast_to(jnp.arange(p), (c, p))
+        causal = jnp.tril(jnp.ones((p, p), bool))
+        row_mask = (causal[None] & mask[:, None, :] & self._window(positions, positions))[:, None]
+        x = self.embed[...][tokens][:, None]
+        _, (keys, values) = self._run_layers(x, positions[:, None], row_mask, None, None)
+        # scan stacked [N, C, 1, P, K, Dh]; drop the row axis.
+        return PrefixCache(keys[:, :, 0], values[:, :, 0], mask, jnp.sum(mask, axis=1).astype(jnp.int32))
+
+    def forward_rows(
+        self,
+        prefix: PrefixCache,
+        tokens: jax.Array,  # [R, L] or [C, R, L] int
+        task_positions: jax.Array,  # [R, L] or [C, R, L]: position inside its task, from 0
+        segment_ids: jax.Array,  # [R, L] or [C, R, L]: task slot in the row, -1 for padding
+    ) -> jax.Array:
+        """Hidden states [C, R, L, D] of task rows that follow each candidate's prefix.
+
+        A row may hold several tasks back to back (packing); a token attends to every real token
+        of its candidate's prefix and to the earlier tokens of its own task. Its RoPE position is
+        prefix length + position inside the task, exactly as if prefix and task were one sequence.
+        """
+        c = prefix.mask.shape[0]
+        tokens, task_positions, segment_ids = (
+            jnp.broadcast_to(a, (c, *a.shape[-2:])) for a in (tokens, task_positions, segment_ids)
+        )
+        positions = prefix.lengths[:, None, None] + task_positions  # [C, R, L]
+        same_task = segment_ids[..., :, None] == segment_ids[..., None, :]
+        earlier = task_positions[..., :, None] >= task_positions[..., None, :]
+        real = (segment_ids >= 0)[..., None, :]
+        row_mask = same_task & earlier & real & self._window(positions, positions)  # [C, R, L, L]
+        p = prefix.mask.shape[1]
+        prefix_mask = jnp.broadcast_to(prefix.mask[:, None, None, :], (*positions.shape, p))
+        if self.config.sliding_window is not None:
+            prefix_mask = prefix_mask & self._window(positions, jnp.arange(p))
+        x = self.embed[...][tokens]
+        h, _ = self._run_layers(x, positions, row_mask, prefix, prefix_mask)
+        return h
+
+    def token_logprobs(
+        self, h: jax.Array, targets: jax.Array, chunk: int = 512
+    ) -> tuple[jax.Array, jax.Array]:
+        """log p(target) and whether the argmax is the target, for hidden states at chosen positions.
+
+        The LM head runs in chunks of `chunk` positions so the [M, V] logits never exist at once.
+
+        Args:
+          h: [M, D] final-norm hidden states at the positions that predict `targets`.
+          targets: [M] int token ids.
+        Returns:
+          logp [M] float32, correct [M] bool.
+        """
+        m = h.shape[0]
+        chunk = max(1, min(chunk, m))
+        pad = (-m) % chunk
+        hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, h.shape[-1])
+        ts = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+
+        def one(args):
+            hc, tc = args
+            logits = self.logits(hc)  # [chunk, V] float32
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+            return target_logit - lse, jnp.argmax(logits, axis=-1) == tc
+
+        logp, correct = jax.lax.map(one, (hs, ts))
+        return logp.reshape(-1)[:m], correct.reshape(-1)[:m]

@@ -1,0 +1,229 @@
+"""Loading HF checkpoints (config.json + safetensors, sharded or not) into the NNX Llama.
+
+The model is built by abstract shapes (`nnx.eval_shape`, no memory), each HF tensor is mapped
+by a regex key table to a parameter (and a layer index for the stacked layers), transposed where
+HF stores [out, in], and checked against the expected shape. Every missing, unexpected or
+wrong-shaped tensor is reported in one error.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import pathlib
+import re
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from nuggets_jax.models.config import ModelConfig
+from nuggets_jax.models.llama import Llama
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config.json."""
+
+
+# HF key -> (our parameter path, transpose?). "{i}" is the layer index of stacked parameters.
+_KEY_TABLE: list[tuple[str, tuple[str, ...], bool]] = [
+    (r"model\.embed_tokens\.weight", ("embed",), False),
+    (r"model\.norm\.weight", ("final_norm",), False),
+    (r"lm_head\.weight", ("lm_head",), True),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", ("layers", "input_norm"), False),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", ("layers", "post_attention_norm"), False),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", ("layers", "q_proj"), True),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", ("layers", "k_proj"), True),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", ("layers", "v_proj"), True),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", ("layers", "o_proj"), True),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", ("layers", "q_bias"), False),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", ("layers", "k_bias"), False),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", ("layers", "v_bias"), False),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias", ("layers", "o_bias"), False),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", ("layers", "gate_proj"), True),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", ("layers", "up_proj"), True),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", ("layers", "down_proj"), True),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.bias", ("layers", "gate_bias"), False),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.bias", ("layers", "up_bias"), False),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.bias", ("layers", "down_bias"), False),
+]
+# Buffers some checkpoints carry that hold nothing we load.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) from a .safetensors file, memory-mapped (bf16 via ml_dtypes)."""
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        n = int.from_bytes(buf[:8], "little")
+        header = json.loads(buf[8 : 8 + n])
+    except (ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e}).") from None
+    base = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.")
+        start, end = info["data_offsets"]
+        yield (
+            name,
+            np.frombuffer(
+                buf, dtype=dtype, count=(end - start) // np.dtype(dtype).itemsize, offset=base + start
+            ).reshape(info["shape"]),
+        )
+
+
+def checkpoint_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The safetensors files of a HF model directory (sharded via the index, or single)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard(s) that are not there: {', '.join(missing)}.")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if found:
+        return [model_dir / f for f in found]
+    bins = sorted(p.name for p in model_dir.glob("*.bin"))
+    hint = (
+        f" It has PyTorch .bin weights ({', '.join(bins[:3])}); convert them to safetensors first."
+        if bins
+        else ""
+    )
+    raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json.{hint}")
+
+
+def _match(name: str) -> tuple[tuple[str, ...], int | None, bool] | None:
+    for pattern, path, transpose in _KEY_TABLE:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return path, (int(m.group(1)) if m.groups() else None), transpose
+    return None
+
+
+def load_params(model_dir: str | pathlib.Path, config: ModelConfig | None = None, dtype=jnp.float32) -> Llama:
+    """Builds a `Llama` in `dtype` from a HF model directory, strictly.
+
+    Raises:
+      CheckpointError: listing every missing, unexpected and wrong-shaped tensor at once.
+    """
+    model_dir = pathlib.Path(model_dir)
+    config = config or ModelConfig.from_file(model_dir / "config.json")
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    expected = {path: v.shape for path, v in nnx.to_flat_state(state)}
+    values: dict[tuple[str, ...], np.ndarray] = {}
+    filled: dict[tuple[str, ...], np.ndarray] = {}  # per stacked param: which layers arrived
+    unexpected, wrong_shape = [], []
+    for file in checkpoint_files(model_dir):
+        for name, array in read_safetensors(file):
+            hit = _match(name)
+            if hit is None or hit[0] not in expected:
+                if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                    continue
+                unexpected.append(f"{name} {list(array.shape)}")
+                continue
+            path, layer, transpose = hit
+            want = expected[path][1:] if layer is not None else expected[path]
+            got = array.T.shape if transpose else array.shape
+            if layer is not None and layer >= config.num_layers:
+                unexpected.append(f"{name} (layer {layer} >= num_hidden_layers={config.num_layers})")
+                continue
+            if tuple(got) != tuple(want):
+                hf_want = tuple(reversed(want)) if transpose else tuple(want)
+                wrong_shape.append(f"{name}: {list(array.shape)}, expected {list(hf_want)}")
+                continue
+            array = np.asarray(array.T if transpose else array).astype(dtype)
+            if layer is None:
+                values[path] = array
+            else:
+                if path not in values:
+                    values[path] = np.empty(expected[path], dtype)
+                    filled[path] = np.zeros(config.num_layers, bool)
+                values[path][layer] = array
+                filled[path][layer] = True
+    missing = []
+    for path in expected:
+        if path not in values:
+            missing.append(_hf_name(path, None))
+        elif path in filled and not filled[path].all():
+            missing += [_hf_name(path, int(i)) for i in np.flatnonzero(~filled[path])]
+    if missing or unexpected or wrong_shape:
+        parts = [
+            f"{model_dir}: checkpoint does not match config.json ({config.model_type}, "
+            f"{config.num_layers} layers, hidden {config.hidden_size})."
+        ]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                parts.append(f"  {title} ({len(items)}): " + "; ".join(shown))
+        raise CheckpointError("\n".join(parts))
+    nested: dict = {}
+    for path, array in values.items():
+        node = nested
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(array)
+    nnx.replace_by_pure_dict(state, nested)
+    return nnx.merge(graphdef, state)
+
+
+def _hf_name(path: tuple[str, ...], layer: int | None) -> str:
+    for pattern, p, _ in _KEY_TABLE:
+        if p == path:
+            name = pattern.replace("\\.", ".")
+            return name.replace("(\\d+)", "*" if layer is None else str(layer))
+    return "/".join(path)
+
+
+def save_params(model: Llama, model_dir: str | pathlib.Path, hf_config: dict) -> None:
+    """Writes `model` as a HF directory (config.json + model.safetensors), e.g. after fine-tuning."""
+    from safetensors.numpy import save_file
+
+    model_dir = pathlib.Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    flat = {
+        path: np.asarray(jax.device_get(v[...] if hasattr(v, "__getitem__") else v))
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    tensors = {}
+    for pattern, path, transpose in _KEY_TABLE:
+        if path not in flat:
+            continue
+        array = flat[path]
+        if path[0] == "layers":
+            for i in range(array.shape[0]):
+                name = pattern.replace("\\.", ".").replace("(\\d+)", str(i))
+                tensors[name] = np.ascontiguousarray(array[i].T if transpose else array[i])
+        else:
+            tensors[pattern.replace("\\.", ".")] = np.ascontiguousarray(array.T if transpose else array)
+    # safetensors.numpy has no bfloat16: store float32 (exact for bf16 weights).
+    tensors = {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in tensors.items()}
+    tmp = model_dir / "model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(model_dir / "model.safetensors")
+    (model_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
