@@ -98,8 +98,7 @@ class ModelConfig:
         num_kv_heads = int(hf.get("num_key_value_heads") or num_heads)
         if num_heads % num_kv_heads:
             raise ModelConfigError(
-                f"{source}: num_attention_heads={num_heads} is not a multiple of "
-                f"num_key_value_heads={num_kv_heads}."
+                f"{source}: num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}."
             )
         head_dim = int(hf.get("head_dim") or hf["hidden_size"] // num_heads)
         # transformers 5 moved rope_theta / rope_scaling into `rope_parameters`.

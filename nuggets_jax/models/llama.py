@@ -311,31 +311,36 @@ class Llama(nnx.Module):
         h, _ = self._run_layers(x, positions, row_mask, prefix, prefix_mask)
         return h
 
-    def token_logprobs(
-        self, h: jax.Array, targets: jax.Array, chunk: int = 512
-    ) -> tuple[jax.Array, jax.Array]:
-        """log p(target) and whether the argmax is the target, for hidden states at chosen positions.
+    def token_logprobs(self, h: jax.Array, targets: jax.Array, chunk: int = 512) -> tuple[jax.Array, jax.Array]:
+        """log p(target) and whether the argmax is the target, at chosen positions.
 
-        The LM head runs in chunks of `chunk` positions so the [M, V] logits never exist at once.
+        The LM head runs over `chunk` positions at a time (per leading index), so the full
+        [..., M, V] logits never exist at once.
 
         Args:
-          h: [M, D] final-norm hidden states at the positions that predict `targets`.
-          targets: [M] int token ids.
+          h: [..., M, D] final-norm hidden states at the positions that predict `targets`.
+          targets: [..., M] int token ids.
         Returns:
-          logp [M] float32, correct [M] bool.
+          logp [..., M] float32, correct [..., M] bool.
         """
-        m = h.shape[0]
+        m = h.shape[-2]
         chunk = max(1, min(chunk, m))
         pad = (-m) % chunk
-        hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, h.shape[-1])
-        ts = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+        lead = h.shape[:-2]
+        hs = jnp.pad(h, [(0, 0)] * len(lead) + [(0, pad), (0, 0)])
+        ts = jnp.pad(targets, [(0, 0)] * len(lead) + [(0, pad)])
+        # [n_chunks, ..., chunk, D]: map over chunks, keep the leading (sharded) axes intact.
+        hs = jnp.moveaxis(hs.reshape(*lead, -1, chunk, h.shape[-1]), -3, 0)
+        ts = jnp.moveaxis(ts.reshape(*lead, -1, chunk), -2, 0)
 
         def one(args):
             hc, tc = args
-            logits = self.logits(hc)  # [chunk, V] float32
+            logits = self.logits(hc)  # [..., chunk, V] float32
             lse = jax.nn.logsumexp(logits, axis=-1)
-            target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+            target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
             return target_logit - lse, jnp.argmax(logits, axis=-1) == tc
 
         logp, correct = jax.lax.map(one, (hs, ts))
-        return logp.reshape(-1)[:m], correct.reshape(-1)[:m]
+        logp = jnp.moveaxis(logp, 0, -2).reshape(*lead, -1)[..., :m]
+        correct = jnp.moveaxis(correct, 0, -2).reshape(*lead, -1)[..., :m]
+        return logp, correct

@@ -109,11 +109,7 @@ def checkpoint_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
     if found:
         return [model_dir / f for f in found]
     bins = sorted(p.name for p in model_dir.glob("*.bin"))
-    hint = (
-        f" It has PyTorch .bin weights ({', '.join(bins[:3])}); convert them to safetensors first."
-        if bins
-        else ""
-    )
+    hint = f" It has PyTorch .bin weights ({', '.join(bins[:3])}); convert them to safetensors first." if bins else ""
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json.{hint}")
 
 

@@ -1,0 +1,69 @@
+"""Scoring config: `python -m experiments.score --config=configs/score.py[:ARGS] --workdir=DIR`.
+
+ARGS (comma separated): `preset=default|original`, `runlocal` (a tiny run in seconds).
+Every field below can be overridden on the command line, e.g. `--config.model.path=/models/llama`,
+`--config.data.pool=pool.jsonl`, `--config.select.top_fraction=0.1`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = common.parse_arg(arg, preset="default", runlocal=False)
+    config = ml_collections.ConfigDict()
+
+    # "default" (shared special-token policy, "\n\n" separator, 512-token cuts) or "original"
+    # (the original repository: no separator, zero-shot without special tokens, tasks cut at 200).
+    config.preset = arg.preset
+    # Ranking metric: win_rate | mean_logp_gain | mean_ppl_drop | token_acc_gain.
+    config.metric = "win_rate"
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.path = "default"  # "default" | HF dir | file.gguf | org/name (hub)
+    config.model.dtype = "float32"  # float32 on CPU; bfloat16 on TPU/GPU
+
+    config.data = ml_collections.ConfigDict()
+    config.data.pool = "default"  # .json/.jsonl; "default" = the generated pool (nuggets_jax.synthetic)
+    config.data.tasks = "default"  # the predefined task set; "default" = generated held-out tasks
+    config.data.max_candidates = 0  # score only the first N candidates (0 = all)
+    config.data.prompt_no_input = "Instruction:\n{instruction}\nResponse:\n"
+    config.data.prompt_with_input = "Instruction:\n{instruction}\nInput:\n{input}\nResponse:\n"
+    # Preset values unless set here.
+    config.data.separator = config_dict.placeholder(str)
+    config.data.max_prefix_tokens = config_dict.placeholder(int)
+    config.data.max_task_tokens = config_dict.placeholder(int)
+    config.data.max_tasks = 0  # use only the first N tasks (0 = all)
+    config.data.task_set_limit = 1000  # refuse larger task sets (cost is |pool| x |tasks|)
+
+    config.select = ml_collections.ConfigDict()
+    config.select.top_n = config_dict.placeholder(int)
+    config.select.top_fraction = config_dict.placeholder(float)  # default rule when none is set: 0.1
+    config.select.threshold = config_dict.placeholder(float)
+
+    config.scoring = ml_collections.ConfigDict()
+    config.scoring.candidates_per_device = 1
+    config.scoring.tokens_per_call = 16384
+    config.scoring.row_length = 0  # 0 = smallest multiple of 64 that holds the longest task
+    config.scoring.max_prefix_buckets = 4
+    config.scoring.lm_head_tokens = 1024
+    config.scoring.chunk_candidates = 32  # candidates per saved chunk
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.enabled = False  # jax.distributed.initialize() (automatic on TPU pods / SLURM)
+    config.distributed.coordinator = config_dict.placeholder(str)
+    config.distributed.num_processes = config_dict.placeholder(int)
+    config.distributed.process_id = config_dict.placeholder(int)
+
+    config.fresh = False  # discard chunks of an earlier run whose inputs differ
+    config.progress = True
+    config.report = True
+
+    if arg.runlocal:
+        config.data.max_candidates = 16
+        config.data.max_tasks = 4
+        config.scoring.chunk_candidates = 8
+    return config

@@ -1,0 +1,211 @@
+"""Golden scores of candidates: reductions of a score store over the tasks of a task set.
+
+A score store is any mapping (a dict, or `np.load("scores.npz")`) with the arrays
+`zero_logp [T]`, `zero_correct [T]`, `n_tokens [T]`, `one_logp [C, T]` and `one_correct [C, T]`
+(DESIGN.md, "Semantics"). Every metric is oriented so that higher means a better candidate, is
+computed in float64, and reduces over a chosen subset of task columns, so task-set sweeps are
+column slices of one store and never rescore.
+
+A candidate that is not scored yet (adaptive mode) has NaN in its `one_logp` row (and may have
+NaN in `one_correct`); its metrics come out NaN instead of raising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+METRICS = ("win_rate", "mean_logp_gain", "mean_ppl_drop", "token_acc_gain")
+
+METRIC_FORMULAS: dict[str, str] = {
+    "win_rate": "mean over tasks t of [one_logp[c,t] > zero_logp[t]] (strict; the paper's golden score)",
+    "mean_logp_gain": "mean over tasks t of (one_logp[c,t] - zero_logp[t]) / n_tokens[t]",
+    "mean_ppl_drop": "mean over tasks t of exp(-zero_logp[t]/n_tokens[t]) - exp(-one_logp[c,t]/n_tokens[t])",
+    "token_acc_gain": "mean over tasks t of (one_correct[c,t] - zero_correct[t]) / n_tokens[t]",
+}
+
+_STORE_KEYS = ("zero_logp", "zero_correct", "n_tokens", "one_logp", "one_correct")
+
+
+class MetricError(ValueError):
+    """A metric name, task subset or score store that cannot be reduced."""
+
+
+def _task_label(scores: Mapping[str, np.ndarray], column: int) -> str:
+    """Names a task column by index and, when the store has them, by task id."""
+    if "task_ids" in scores:
+        task_ids = np.asarray(scores["task_ids"])
+        if task_ids.shape[:1] == (np.asarray(scores["n_tokens"]).shape[0],):
+            return f"task column {column} (id {task_ids[column].item()!r})"
+    return f"task column {column}"
+
+
+def _resolve_columns(columns: Sequence[int] | np.ndarray | None, num_tasks: int) -> np.ndarray:
+    """Turns integer indices or a boolean mask into sorted-as-given integer indices [T_sel]."""
+    if columns is None:
+        selected = np.arange(num_tasks)
+    else:
+        columns = np.asarray(columns)
+        if columns.ndim != 1:
+            raise MetricError(
+                f"columns must be 1-D task indices or a boolean mask, got shape {columns.shape}"
+            )
+        if columns.dtype == np.bool_:
+            if columns.shape[0] != num_tasks:
+                raise MetricError(
+                    f"boolean column mask has length {columns.shape[0]} but the score store has "
+                    f"{num_tasks} task columns; pass one entry per task"
+                )
+            selected = np.flatnonzero(columns)
+        elif columns.size == 0 or np.issubdtype(columns.dtype, np.integer):
+            selected = columns.astype(np.int64)
+            bad = selected[(selected < -num_tasks) | (selected >= num_tasks)]
+            if bad.size:
+                raise MetricError(
+                    f"task column {int(bad[0])} is out of range: the score store has {num_tasks} task columns"
+                )
+            selected = selected % num_tasks
+        else:
+            raise MetricError(f"columns must be integer indices or a boolean mask, got dtype {columns.dtype}")
+    if selected.size == 0:
+        raise MetricError("the task subset is empty: select at least one task column")
+    return selected
+
+
+def _load_store(
+    scores: Mapping[str, np.ndarray], columns: Sequence[int] | np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Checks the store's arrays and returns them sliced to the columns, in float64."""
+    missing = [key for key in _STORE_KEYS if key not in scores]
+    if missing:
+        raise MetricError(
+            f"score store lacks {', '.join(missing)}; it needs {', '.join(_STORE_KEYS)} (see scores.npz)"
+        )
+    zero_logp = np.asarray(scores["zero_logp"], dtype=np.float64)  # [T]
+    zero_correct = np.asarray(scores["zero_correct"], dtype=np.float64)  # [T]
+    n_tokens = np.asarray(scores["n_tokens"], dtype=np.float64)  # [T]
+    one_logp = np.asarray(scores["one_logp"], dtype=np.float64)  # [C, T]
+    one_correct = np.asarray(scores["one_correct"], dtype=np.float64)  # [C, T]
+    if n_tokens.ndim != 1:
+        raise MetricError(f"score store n_tokens must be [T], got shape {n_tokens.shape}")
+    num_tasks = n_tokens.shape[0]
+    for key, array in (("zero_logp", zero_logp), ("zero_correct", zero_correct)):
+        if array.shape != (num_tasks,):
+            raise MetricError(f"score store {key} has shape {array.shape}, expected [T] = ({num_tasks},)")
+    for key, array in (("one_logp", one_logp), ("one_correct", one_correct)):
+        if array.ndim != 2 or array.shape[1] != num_tasks:
+            raise MetricError(
+                f"score store {key} has shape {array.shape}, expected [C, T] with T = {num_tasks}"
+            )
+    if one_logp.shape != one_correct.shape:
+        raise MetricError(
+            f"score store one_logp {one_logp.shape} and one_correct {one_correct.shape} differ in shape"
+        )
+    selected = _resolve_columns(columns, num_tasks)
+    n_selected = n_tokens[selected]
+    bad = np.flatnonzero(~(n_selected > 0))
+    if bad.size:
+        column = int(selected[bad[0]])
+        raise MetricError(
+            f"{_task_label(scores, column)} has n_tokens = {n_tokens[column]:g}: a task must score at "
+            "least one response token; drop it from the task subset or fix the task's response"
+        )
+    return (
+        zero_logp[selected],
+        zero_correct[selected],
+        n_selected,
+        one_logp[:, selected],
+        one_correct[:, selected],
+    )
+
+
+def compute_metric(
+    name: str, scores: Mapping[str, np.ndarray], columns: Sequence[int] | np.ndarray | None = None
+) -> np.ndarray:
+    """Computes one golden score per candidate over a subset of task columns.
+
+    Args:
+      name: one of `METRICS`; see `METRIC_FORMULAS` for the formulas.
+      scores: score store mapping (see module docstring).
+      columns: integer indices or a boolean mask [T] of the task columns to reduce over; None
+        means every task.
+
+    Returns:
+      [C] float64, higher is better; NaN for candidates whose scores hold NaN in these columns.
+
+    Raises:
+      MetricError: unknown metric, malformed store, empty subset, or n_tokens <= 0 in a used column.
+    """
+    if name not in METRICS:
+        raise MetricError(f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}")
+    zero_logp, zero_correct, n_tokens, one_logp, one_correct = _load_store(scores, columns)
+    if name == "win_rate":
+        wins = (one_logp > zero_logp).astype(np.float64)  # [C, T_sel]
+        # A comparison with NaN is False, which would count an unscored cell as a loss.
+        wins[np.isnan(one_logp) | np.isnan(zero_logp)] = np.nan
+        per_task = wins
+    elif name == "mean_logp_gain":
+        per_task = (one_logp - zero_logp) / n_tokens
+    elif name == "mean_ppl_drop":
+        per_task = np.exp(-zero_logp / n_tokens) - np.exp(-one_logp / n_tokens)
+    else:
+        per_task = (one_correct - zero_correct) / n_tokens
+        # The store may keep integer counts (0) for unscored cells; one_logp is the NaN marker.
+        per_task[np.isnan(one_logp)] = np.nan
+    return per_task.mean(axis=1)
+
+
+def compute_all(
+    scores: Mapping[str, np.ndarray], columns: Sequence[int] | np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Computes every metric of `METRICS` over the same task columns.
+
+    Args:
+      scores: score store mapping.
+      columns: task subset as in `compute_metric`.
+
+    Returns:
+      Metric name -> [C] float64, in the order of `METRICS`.
+    """
+    return {name: compute_metric(name, scores, columns) for name in METRICS}
+
+
+def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float:
+    """Area under the ROC curve: P(a random positive scores higher than a random negative).
+
+    Ties count 1/2 (the Mann-Whitney U statistic divided by n_pos * n_neg), computed from
+    average ranks in O(C log C).
+
+    Args:
+      scores: [C] values, higher meaning "more likely positive".
+      positive: [C] booleans (or 0/1) marking the positive class.
+
+    Returns:
+      The AUROC in [0, 1]; NaN if either class is empty or any score is NaN.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(positive)
+    if values.ndim != 1 or labels.shape != values.shape:
+        raise MetricError(
+            f"auroc needs 1-D scores and labels of the same length, got {values.shape} and {labels.shape}"
+        )
+    if labels.dtype != np.bool_:
+        if labels.size and not np.isin(labels, (0, 1)).all():
+            raise MetricError("auroc labels must be booleans or 0/1")
+        labels = labels.astype(bool)
+    num_pos = int(labels.sum())
+    num_neg = labels.size - num_pos
+    if num_pos == 0 or num_neg == 0 or np.isnan(values).any():
+        return float("nan")
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    # Runs of equal values share the mean of the 1-based ranks they span.
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], values.size]
+    run_ranks = (starts + 1 + ends) / 2.0
+    sorted_ranks = np.repeat(run_ranks, ends - starts)
+    rank_of = np.empty_like(sorted_ranks)
+    rank_of[order] = sorted_ranks
+    u_statistic = rank_of[labels].sum() - num_pos * (num_pos + 1) / 2.0
+    return float(u_statistic / (num_pos * num_neg))

@@ -1,0 +1,186 @@
+"""Static shapes: task rows (several tasks packed per row), row groups and prefix buckets.
+
+The task set is the same for every candidate, so its layout is built once: tasks are packed
+first-fit-decreasing into rows of `row_length` tokens (a task never spans two rows), and rows are
+cut into groups of `rows_per_group`, one group per device call. Every group has the same shapes,
+so one compiled program serves all of them. Only the positions that predict a response token go
+through the LM head: `score_index` lists them, padded to a static count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RowGroup:
+    """One device call's task rows. R rows, L tokens a row, M scored positions, S task slots."""
+
+    tokens: np.ndarray  # [R, L] int32
+    task_positions: np.ndarray  # [R, L] int32: position inside its task
+    segment_ids: np.ndarray  # [R, L] int32: task slot inside the row, -1 = padding
+    score_index: np.ndarray  # [M] int32: flat index (r * L + l) of a position predicting a response token
+    score_target: np.ndarray  # [M] int32: the response token it predicts
+    score_slot: np.ndarray  # [M] int32: task slot in [0, S) it counts for, S = padding
+    tasks: np.ndarray  # [S] int32: task column of each slot, -1 = empty slot
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (*self.tokens.shape, self.score_index.shape[0], self.tasks.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskLayout:
+    """All row groups of a task set (or of a subset of its columns)."""
+
+    groups: list[RowGroup]
+    row_length: int
+    real_tokens: int  # task tokens, no padding
+    scored_tokens: int  # response tokens scored
+
+    @property
+    def slot_tokens(self) -> int:
+        """Token slots computed per candidate (padding included)."""
+        return len(self.groups) * self.groups[0].tokens.size
+
+    @property
+    def fill(self) -> float:
+        return self.real_tokens / self.slot_tokens
+
+
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: lists of task indices whose lengths fit `row_length` together.
+
+    Deterministic: ties in length keep index order, rows keep creation order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > row_length:
+            raise ValueError(f"task of {n} tokens does not fit a row of {row_length}")
+        for r, space in enumerate(free):
+            if n <= space:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(row_length - n)
+    return rows
+
+
+def auto_row_length(max_task_len: int, multiple: int = 64) -> int:
+    """Rows as short as the longest task allows (rounded up), so attention waste stays small."""
+    return max(multiple, math.ceil(max_task_len / multiple) * multiple)
+
+
+def build_layout(
+    task_ids: Sequence[np.ndarray],
+    response_start: np.ndarray,
+    columns: Sequence[int] | np.ndarray,
+    row_length: int,
+    rows_per_group: int,
+    score_multiple: int = 64,
+) -> TaskLayout:
+    """Packs the tasks `columns` (indices into `task_ids`) into row groups of identical shape.
+
+    Args:
+      task_ids: every task's ids (prompt ++ response after the cut).
+      response_start: [T] first response token of each task.
+      columns: which tasks to lay out (all of them, or a subset for adaptive rounds).
+      row_length: L; at least the longest task.
+      rows_per_group: R rows per device call.
+      score_multiple: M is rounded up to a multiple of this.
+    """
+    columns = [int(c) for c in columns]
+    lengths = [len(task_ids[c]) for c in columns]
+    rows = pack_rows(lengths, row_length)
+    n_groups = max(1, math.ceil(len(rows) / rows_per_group))
+    grouped = [rows[g * rows_per_group : (g + 1) * rows_per_group] for g in range(n_groups)]
+    max_slots = max(sum(len(row) for row in group) for group in grouped)
+    max_scored = max(
+        sum(lengths[i] - int(response_start[columns[i]]) for row in group for i in row) for group in grouped
+    )
+    m = max(score_multiple, math.ceil(max_scored / score_multiple) * score_multiple)
+    groups = []
+    for group in grouped:
+        tokens = np.zeros((rows_per_group, row_length), np.int32)
+        positions = np.zeros((rows_per_group, row_length), np.int32)
+        segments = np.full((rows_per_group, row_length), -1, np.int32)
+        index = np.zeros(m, np.int32)
+        target = np.zeros(m, np.int32)
+        slot_of = np.full(m, max_slots, np.int32)
+        tasks = np.full(max_slots, -1, np.int32)
+        slot = scored = 0
+        for r, row in enumerate(group):
+            offset = 0
+            for seg, i in enumerate(row):
+                ids = task_ids[columns[i]]
+                n, start = len(ids), int(response_start[columns[i]])
+                tokens[r, offset : offset + n] = ids
+                positions[r, offset : offset + n] = np.arange(n)
+                segments[r, offset : offset + n] = seg
+                k = n - start
+                # Position p predicts token p + 1: the response [start, n) is predicted by [start - 1, n - 1).
+                index[scored : scored + k] = r * row_length + offset + np.arange(start - 1, n - 1)
+                target[scored : scored + k] = ids[start:]
+                slot_of[scored : scored + k] = slot
+                tasks[slot] = columns[i]
+                scored += k
+                slot += 1
+                offset += n
+        groups.append(RowGroup(tokens, positions, segments, index, target, slot_of, tasks))
+    real = sum(lengths)
+    scored_total = sum(lengths[i] - int(response_start[c]) for i, c in enumerate(columns))
+    return TaskLayout(groups, row_length, real, scored_total)
+
+
+def prefix_buckets(lengths: Sequence[int], max_buckets: int = 4, multiple: int = 16) -> list[int]:
+    """Bucket widths (ascending) that minimise total padding of the prefixes, at most `max_buckets`.
+
+    Exact dynamic programme over the distinct lengths rounded up to `multiple`.
+    """
+    rounded = np.maximum(multiple, np.ceil(np.asarray(lengths) / multiple).astype(int) * multiple)
+    values, counts = np.unique(rounded, return_counts=True)
+    n = len(values)
+    k = min(max_buckets, n)
+    # cost(i, j): prefixes with rounded length in values[i..j] padded to values[j].
+    csum = np.concatenate([[0], np.cumsum(counts)])
+    wsum = np.concatenate([[0], np.cumsum(counts * values)])
+
+    def cost(i: int, j: int) -> int:
+        return int(values[j] * (csum[j + 1] - csum[i]) - (wsum[j + 1] - wsum[i]))
+
+    best = np.full((k + 1, n), np.iinfo(np.int64).max, np.int64)
+    back = np.zeros((k + 1, n), int)
+    for j in range(n):
+        best[1, j] = cost(0, j)
+    for b in range(2, k + 1):
+        for j in range(n):
+            for i in range(1, j + 1):
+                if best[b - 1, i - 1] == np.iinfo(np.int64).max:
+                    continue
+                c = best[b - 1, i - 1] + cost(i, j)
+                if c < best[b, j]:
+                    best[b, j], back[b, j] = c, i
+    b = int(np.argmin(best[1:, n - 1])) + 1
+    widths, j = [], n - 1
+    while b >= 1 and j >= 0:
+        widths.append(int(values[j]))
+        j = back[b, j] - 1 if b > 1 else -1
+        b -= 1
+    return sorted(widths)
+
+
+def bucket_of(length: int, widths: Sequence[int]) -> int:
+    """Index of the narrowest bucket that holds `length`."""
+    for i, w in enumerate(widths):
+        if length <= w:
+            return i
+    raise ValueError(f"prefix of {length} tokens exceeds the widest bucket {widths[-1]}")

@@ -1,0 +1,418 @@
+"""One-shot golden scoring: zero-shot once per task, then every candidate as a cached prefix.
+
+Per device call the batch is [C candidates] x [R rows x L tokens] of packed tasks:
+`encode_prefix` runs once per block of C candidates and its K/V stays on the devices while every
+row group of the task set attends to it. Only positions that predict a response token reach the
+LM head, and their log-probs are summed per task on the device, so a call returns [C, S] sums.
+All programs are compiled ahead of time (one encode and one step per prefix bucket); the loop
+only calls compiled executables, so nothing compiles after warm-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nuggets_jax import sharding
+from nuggets_jax.data import TokenizedPrefixes, TokenizedTasks
+from nuggets_jax.models.llama import Llama, PrefixCache
+from nuggets_jax.packing import RowGroup, auto_row_length, bucket_of, build_layout, pack_rows, prefix_buckets
+
+
+class ScoringError(RuntimeError):
+    """Scoring cannot go on (non-finite log-probs, shapes the model cannot take)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Batching knobs. None of them changes a score beyond float32 rounding of different shapes.
+
+    Attributes:
+      candidates_per_device: candidates per device in one call (C = this x devices).
+      tokens_per_call: target C x R x L; R follows from it.
+      row_length: L, tokens per packed task row; 0 = smallest multiple of 64 holding the longest task.
+      max_prefix_buckets: prefix widths to compile (padding vs compile count).
+      lm_head_tokens: positions per LM-head chunk over the whole batch (bounds the [.., V] logits).
+    """
+
+    candidates_per_device: int = 1
+    tokens_per_call: int = 16384
+    row_length: int = 0
+    max_prefix_buckets: int = 4
+    lm_head_tokens: int = 1024
+
+
+def _encode_program(graphdef, state, tokens, mask) -> PrefixCache:
+    return nnx.merge(graphdef, state).encode_prefix(tokens, mask)
+
+
+def _step_program(
+    graphdef,
+    num_slots: int,
+    lm_chunk: int,
+    state,
+    cache,
+    tokens,
+    task_positions,
+    segment_ids,
+    score_index,
+    score_target,
+    score_slot,
+):
+    """[C, R, L] rows after each candidate's prefix -> per-slot sums: logp [C, S] f32, correct [C, S] i32."""
+    model = nnx.merge(graphdef, state)
+    h = model.forward_rows(cache, tokens, task_positions, segment_ids)  # [C, R, L, D]
+    c, d = h.shape[0], h.shape[-1]
+    h = jnp.take_along_axis(h.reshape(c, -1, d), score_index[..., None], axis=1)  # [C, M, D]
+    logp, correct = model.token_logprobs(h, score_target, chunk=lm_chunk)  # [C, M]
+
+    def per_slot(values, slots):
+        return jax.ops.segment_sum(values, slots, num_segments=num_slots + 1)[:num_slots]
+
+    logp_sum = jax.vmap(per_slot)(logp, score_slot)
+    correct_sum = jax.vmap(per_slot)(correct.astype(jnp.int32), score_slot)
+    return logp_sum, correct_sum
+
+
+@dataclasses.dataclass
+class PassStats:
+    """What one pass did, for run.json."""
+
+    wall_s: float = 0.0
+    calls: int = 0
+    candidates: int = 0
+    pairs: int = 0
+    task_tokens: int = 0  # real (unpadded) task tokens processed
+    scored_tokens: int = 0
+    flops: float = 0.0  # model FLOPs of the real tokens (prefix encoding included)
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        s = max(self.wall_s, 1e-9)
+        out.update(pairs_per_s=self.pairs / s, tokens_per_s=self.task_tokens / s, flops_per_s=self.flops / s)
+        return out
+
+
+class Engine:
+    """Compiled scoring programs for one model, one task set and the prefix lengths of a pool."""
+
+    def __init__(
+        self,
+        model: Llama,
+        tasks: TokenizedTasks,
+        prefix_lengths: Sequence[int],
+        config: EngineConfig = EngineConfig(),
+        mesh: jax.sharding.Mesh | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.config = config
+        self.model_config = model.config
+        self.mesh = mesh or sharding.make_mesh()
+        self.tasks = tasks
+        self.num_tasks = len(tasks.ids)
+        self.slots = config.candidates_per_device * self.mesh.devices.size  # C, global
+        self.local = sharding.local_slots(self.mesh, self.slots)
+        max_len = max(len(t) for t in tasks.ids)
+        self.row_length = config.row_length or auto_row_length(max_len)
+        if self.row_length < max_len:
+            raise ScoringError(
+                f"scoring.row_length={self.row_length} is shorter than the longest task "
+                f"({max_len} tokens); set 0 (auto) or at least {max_len}."
+            )
+        # Balance the rows over the fewest groups that respect tokens_per_call (no mostly-empty group).
+        n_rows = len(pack_rows([len(t) for t in tasks.ids], self.row_length))
+        target = max(1, config.tokens_per_call // (self.slots * self.row_length))
+        self.rows_per_group = math.ceil(n_rows / math.ceil(n_rows / target))
+        self.layout = build_layout(
+            tasks.ids, tasks.response_start, np.arange(self.num_tasks), self.row_length, self.rows_per_group
+        )
+        self.buckets = prefix_buckets(list(prefix_lengths), config.max_prefix_buckets)
+        longest = self.buckets[-1] + self.row_length
+        if longest > model.config.max_position_embeddings:
+            log(
+                f"warning: prefix + task reach {longest} positions, beyond the model's "
+                f"max_position_embeddings={model.config.max_position_embeddings}"
+            )
+        graphdef, state = nnx.split(model)
+        self.state = jax.device_put(state, sharding.replicated(self.mesh))
+        r, length, m, s = self.layout.groups[0].shape
+        self.lm_chunk = max(8, config.lm_head_tokens // config.candidates_per_device)
+        self.num_slots = s
+        t0 = time.perf_counter()
+        self._encode, self._step = {}, {}
+        data = sharding.data_sharding(self.mesh)
+        cfg = model.config
+        for width in self.buckets:
+            tok = jax.ShapeDtypeStruct((self.slots, width), jnp.int32, sharding=data)
+            msk = jax.ShapeDtypeStruct((self.slots, width), jnp.bool_, sharding=data)
+            encode = jax.jit(
+                functools.partial(_encode_program, graphdef),
+                out_shardings=PrefixCache(_axis1(self.mesh), _axis1(self.mesh), data, data),
+            )
+            self._encode[width] = encode.lower(self.state, tok, msk).compile()
+            kv = jax.ShapeDtypeStruct(
+                (cfg.num_layers, self.slots, width, cfg.num_kv_heads, cfg.head_dim),
+                model.dtype,
+                sharding=_axis1(self.mesh),
+            )
+            cache = PrefixCache(kv, kv, msk, jax.ShapeDtypeStruct((self.slots,), jnp.int32, sharding=data))
+            rows = jax.ShapeDtypeStruct((self.slots, r, length), jnp.int32, sharding=data)
+            score = jax.ShapeDtypeStruct((self.slots, m), jnp.int32, sharding=data)
+            step = jax.jit(functools.partial(_step_program, graphdef, s, self.lm_chunk))
+            self._step[width] = step.lower(self.state, cache, rows, rows, rows, score, score, score).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.programs = len(self._encode) + len(self._step)
+        self._group_arrays = [self._put_group([g] * self._n_local) for g in self.layout.groups]
+        log(
+            f"engine: {self.mesh.devices.size} device(s), C={self.slots} candidates/call, rows {r}x{length} "
+            f"(fill {self.layout.fill:.0%}, {len(self.layout.groups)} group(s)), prefix buckets {self.buckets}, "
+            f"{self.programs} programs compiled in {self.compile_s:.1f}s"
+        )
+
+    @property
+    def _n_local(self) -> int:
+        return self.local.stop - self.local.start
+
+    def _put(self, local: np.ndarray) -> jax.Array:
+        return sharding.put_local(self.mesh, local, (self.slots, *local.shape[1:]))
+
+    def _put_group(self, groups: Sequence[RowGroup]) -> tuple[jax.Array, ...]:
+        fields = ("tokens", "task_positions", "segment_ids", "score_index", "score_target", "score_slot")
+        return tuple(self._put(np.stack([getattr(g, f) for g in groups])) for f in fields)
+
+    def bucket_width(self, length: int) -> int:
+        return self.buckets[bucket_of(length, self.buckets)]
+
+    def _encode_local(self, prefixes: Sequence[np.ndarray | None], width: int) -> PrefixCache:
+        """Encodes this process's slots; None = an empty slot (all padding)."""
+        tokens = np.zeros((len(prefixes), width), np.int32)
+        mask = np.zeros((len(prefixes), width), bool)
+        for i, ids in enumerate(prefixes):
+            if ids is not None:
+                tokens[i, : len(ids)] = ids
+                mask[i, : len(ids)] = True
+        return self._encode[width](self.state, self._put(tokens), self._put(mask))
+
+    def dispatch_block(self, prefixes: Sequence[np.ndarray | None]) -> list[tuple[RowGroup, tuple]]:
+        """Starts one block (this process's slots): encode once, then every row group. Non-blocking."""
+        width = self.bucket_width(max((len(p) for p in prefixes if p is not None), default=0))
+        cache = self._encode_local(prefixes, width)
+        return [
+            (g, self._step[width](self.state, cache, *arrays))
+            for g, arrays in zip(self.layout.groups, self._group_arrays, strict=True)
+        ]
+
+    def collect_block(self, pending: list[tuple[RowGroup, tuple]]) -> tuple[np.ndarray, np.ndarray]:
+        """Waits for a block; returns this process's one_logp [C_local, T] and one_correct [C_local, T]."""
+        logp = np.full((self._n_local, self.num_tasks), np.nan, np.float32)
+        correct = np.zeros((self._n_local, self.num_tasks), np.int32)
+        for group, (logp_sum, correct_sum) in pending:
+            used = group.tasks >= 0
+            logp[:, group.tasks[used]] = sharding.get_local(logp_sum)[:, used]
+            correct[:, group.tasks[used]] = sharding.get_local(correct_sum)[:, used]
+        return logp, correct
+
+    def zero_shot(self, zero_prefix: np.ndarray) -> tuple[np.ndarray, np.ndarray, PassStats]:
+        """zero_logp [T], zero_correct [T]: every task after the zero-shot prefix (often empty).
+
+        The row groups are spread over the slots of a few calls, one group per slot.
+        """
+        t0 = time.perf_counter()
+        width = self.bucket_width(len(zero_prefix))
+        groups = self.layout.groups
+        n_calls = math.ceil(len(groups) / self.slots)
+        logp = np.full(self.num_tasks, np.nan, np.float32)
+        correct = np.zeros(self.num_tasks, np.int32)
+        cache = self._encode_local([zero_prefix] * self._n_local, width)
+        for k in range(n_calls):
+            mine = [groups[(k * self.slots + self.local.start + i) % len(groups)] for i in range(self._n_local)]
+            logp_sum, correct_sum = self._step[width](self.state, cache, *self._put_group(mine))
+            # Every process needs every task: gather the slots of all processes.
+            all_logp = _gather_slots(logp_sum)
+            all_correct = _gather_slots(correct_sum)
+            for i in range(self.slots):
+                g = k * self.slots + i
+                if g < len(groups):
+                    used = groups[g].tasks >= 0
+                    logp[groups[g].tasks[used]] = all_logp[i, used]
+                    correct[groups[g].tasks[used]] = all_correct[i, used]
+        stats = PassStats(
+            wall_s=time.perf_counter() - t0,
+            calls=n_calls + 1,
+            candidates=1,
+            pairs=self.num_tasks,
+            task_tokens=self.layout.real_tokens,
+            scored_tokens=self.layout.scored_tokens,
+            flops=self.pair_flops(len(zero_prefix)),
+        )
+        return logp, correct, stats
+
+    def pair_flops(self, prefix_length: int) -> float:
+        """Model FLOPs one candidate needs: its prefix once, then every task after it (real tokens only)."""
+        cfg = self.model_config
+        body, head = cfg.flops_per_token(lm_head=False), cfg.flops_per_token() - cfg.flops_per_token(False)
+        p = prefix_length
+        flops = p * body + cfg.attention_flops(p, (p + 1) / 2)
+        for ids, start in zip(self.tasks.ids, self.tasks.response_start, strict=True):
+            n = len(ids)
+            flops += n * body + (n - int(start)) * head + cfg.attention_flops(n, p + (n + 1) / 2)
+        return flops
+
+
+def _axis1(mesh) -> jax.sharding.NamedSharding:
+    """Sharding of [N, C, ...] prefix K/V: the candidate axis (1) on `data`."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+
+
+def _gather_slots(array: jax.Array) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def check_finite(logp: np.ndarray, candidate_ids: Sequence[str], task_ids: Sequence[str]) -> None:
+    """Raises ScoringError naming the first candidate/task whose log-prob sum is NaN or inf."""
+    bad = ~np.isfinite(logp)
+    if bad.any():
+        c, t = np.argwhere(bad)[0]
+        raise ScoringError(
+            f"non-finite log-probability ({logp[c, t]}) for candidate {candidate_ids[c]!r} on task "
+            f"{task_ids[t]!r} ({int(bad.sum())} pair(s) in this block). The model or its dtype is broken "
+            "for this input (try model.dtype=float32); finished chunks are kept."
+        )
+
+
+def prefix_lengths_of(prefixes: TokenizedPrefixes) -> list[int]:
+    return [len(p) for p in prefixes.ids] + [len(prefixes.zero_shot)]
+
+
+@dataclasses.dataclass
+class OneShotResult:
+    one_logp: np.ndarray  # [N, T] float32
+    one_correct: np.ndarray  # [N, T] int32
+    stats: PassStats
+    resumed_candidates: int  # candidates found done in the store
+
+
+def run_one_shot(
+    engine: Engine,
+    prefixes: TokenizedPrefixes,
+    store,
+    candidate_ids: Sequence[str],
+    task_ids: Sequence[str],
+    chunk_candidates: int = 64,
+    progress: bool = True,
+) -> OneShotResult:
+    """Scores every candidate not yet in `store` against every task, saving chunk by chunk.
+
+    Candidates are sorted by prefix bucket (then position) into blocks of C; consecutive blocks
+    form a chunk. Each process saves its own slots. Block b + 1 is dispatched before block b is
+    read back, so the host assembles results while the devices compute.
+    """
+    from tqdm.auto import tqdm
+
+    n, t = len(prefixes.ids), engine.num_tasks
+    logp = np.full((n, t), np.nan, np.float32)
+    correct = np.zeros((n, t), np.int32)
+    done = np.zeros(n, bool)
+    chunk_names = store.names("one-")
+    for name in chunk_names:
+        chunk = store.read(name)
+        idx = chunk["candidates"]
+        logp[idx], correct[idx], done[idx] = chunk["one_logp"], chunk["one_correct"], True
+    resumed = int(done.sum())
+    done_anywhere = _any_process(done)
+    lengths = np.asarray([len(p) for p in prefixes.ids])
+    widths = np.asarray([engine.bucket_width(int(x)) for x in lengths])
+    remaining = [int(i) for i in np.lexsort((np.arange(n), widths)) if not done_anywhere[i]]
+    blocks: list[np.ndarray] = []
+    for width in engine.buckets:
+        members = [i for i in remaining if widths[i] == width]
+        for start in range(0, len(members), engine.slots):
+            block = np.full(engine.slots, -1, np.int64)
+            part = members[start : start + engine.slots]
+            block[: len(part)] = part
+            blocks.append(block)
+    blocks_per_chunk = max(1, chunk_candidates // engine.slots)
+    next_seq = 1 + max((int(name.split("-")[1]) for name in chunk_names), default=-1)
+    stats = PassStats()
+    bar = tqdm(
+        total=n * t,
+        initial=int(done_anywhere.sum()) * t,
+        unit="pair",
+        desc="one-shot",
+        disable=not progress or jax.process_index() != 0,
+        smoothing=0.05,
+        dynamic_ncols=True,
+    )
+    t0 = time.perf_counter()
+
+    def local_prefixes(block):
+        mine = block[engine.local]
+        return [prefixes.ids[i] if i >= 0 else None for i in mine]
+
+    pending = engine.dispatch_block(local_prefixes(blocks[0])) if blocks else None
+    chunk_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for b, block in enumerate(blocks):
+        current = pending
+        pending = engine.dispatch_block(local_prefixes(blocks[b + 1])) if b + 1 < len(blocks) else None
+        block_logp, block_correct = engine.collect_block(current)
+        mine = block[engine.local]
+        real = mine >= 0
+        check_finite(block_logp[real], [candidate_ids[i] for i in mine[real]], task_ids)
+        chunk_rows.append((mine[real], block_logp[real], block_correct[real]))
+        logp[mine[real]], correct[mine[real]] = block_logp[real], block_correct[real]
+        real_global = block[block >= 0]
+        stats.calls += 1 + len(engine.layout.groups)
+        stats.candidates += len(real_global)
+        stats.pairs += len(real_global) * t
+        stats.task_tokens += len(real_global) * engine.layout.real_tokens
+        stats.scored_tokens += len(real_global) * engine.layout.scored_tokens
+        stats.flops += sum(engine.pair_flops(int(lengths[i])) for i in real_global)
+        bar.update(len(real_global) * t)
+        if (b + 1) % blocks_per_chunk == 0 or b + 1 == len(blocks):
+            idx = np.concatenate([r[0] for r in chunk_rows]).astype(np.int64)
+            store.write(
+                f"one-{next_seq:06d}",
+                candidates=idx,
+                one_logp=np.concatenate([r[1] for r in chunk_rows]),
+                one_correct=np.concatenate([r[2] for r in chunk_rows]),
+            )
+            next_seq += 1
+            chunk_rows = []
+    bar.close()
+    stats.wall_s = time.perf_counter() - t0
+    logp, correct = _merge_processes(logp, correct)
+    return OneShotResult(logp, correct, stats, resumed)
+
+
+def _any_process(flags: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(flags)).any(axis=0)
+
+
+def _merge_processes(logp: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every process holds the rows it scored (NaN elsewhere); combine them on all processes."""
+    if jax.process_count() == 1:
+        return logp, correct
+    from jax.experimental import multihost_utils
+
+    all_logp = np.asarray(multihost_utils.process_allgather(logp))  # [P, N, T]
+    all_correct = np.asarray(multihost_utils.process_allgather(correct))
+    have = ~np.isnan(all_logp).all(axis=2)  # [P, N]
+    owner = np.argmax(have, axis=0)
+    rows = np.arange(logp.shape[0])
+    return all_logp[owner, rows], all_correct[owner, rows]
