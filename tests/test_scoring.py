@@ -1,0 +1,100 @@
+"""The scoring engine against whole sequences run through the model, on 1 and 8 devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from nuggets_jax import data as D
+from nuggets_jax import scoring, store
+from nuggets_jax.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bos_model_dir):
+    return load_model(str(tiny_bos_model_dir))
+
+
+def _records(n, offset=0, long_every=0):
+    out = []
+    for i in range(offset, offset + n):
+        extra = " and then some more words to make it long" * (3 if long_every and i % long_every == 0 else 0)
+        out.append(
+            D.Record(
+                str(i), f"Add {i} and 3.{extra}", "" if i % 3 else "x y", f"{i} plus 3 is {i + 3}.", i - offset, {}
+            )
+        )
+    return out
+
+
+def reference(model, prefix, task, start):
+    """Sum of log p and argmax hits of task[start:] after prefix ++ task[:start], one whole sequence."""
+    seq = np.concatenate([prefix, task]).astype(np.int32)
+    logits = np.asarray(model(jnp.asarray(seq)[None]))[0].astype(np.float64)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
+    pos = np.arange(len(prefix) + start - 1, len(seq) - 1)
+    return logp[pos, seq[pos + 1]].sum(), int((logits[pos].argmax(-1) == seq[pos + 1]).sum())
+
+
+def run(loaded, tasks, prefixes, tmp_path, config=scoring.EngineConfig(), mesh=None, name="s"):
+    engine = scoring.Engine(
+        loaded.model, tasks, scoring.prefix_lengths_of(prefixes), config, mesh=mesh, log=lambda m: None
+    )
+    zl, zc, _ = engine.zero_shot(prefixes.zero_shot)
+    res = scoring.run_one_shot(
+        engine,
+        prefixes,
+        store.ScoreStore(tmp_path / name),
+        [str(i) for i in range(len(prefixes.ids))],
+        [str(i) for i in range(len(tasks.ids))],
+        chunk_candidates=4,
+        progress=False,
+    )
+    return zl, zc, res.one_logp, res.one_correct
+
+
+@pytest.mark.parametrize("preset", ["default", "original"])
+def test_cached_prefix_equals_whole_sequence(tiny, tmp_path, preset):
+    policy = D.TokenPolicy() if preset == "default" else D.TokenPolicy("", False, None, 200)
+    tasks = D.tokenize_tasks(tiny.tokenizer, _records(6, 100), D.Template(), policy)
+    prefixes = D.tokenize_prefixes(tiny.tokenizer, _records(5, long_every=2), D.Template(), policy)
+    assert prefixes.zero_shot.tolist() == ([1] if preset == "default" else [])
+    zl, zc, ol, oc = run(tiny, tasks, prefixes, tmp_path)
+    for t, (ids, start) in enumerate(zip(tasks.ids, tasks.response_start, strict=True)):
+        want = reference(tiny.model, prefixes.zero_shot, ids, start)
+        assert zl[t] == pytest.approx(want[0], abs=1e-4) and zc[t] == want[1]
+        for c, prefix in enumerate(prefixes.ids):
+            want = reference(tiny.model, prefix, ids, start)
+            assert ol[c, t] == pytest.approx(want[0], abs=1e-4) and oc[c, t] == want[1]
+    # The candidates matter: otherwise this test could not tell prefixes apart.
+    assert np.ptp(ol, axis=0).max() > 0.1
+
+
+def test_padding_bucket_and_device_invariance(tiny, tmp_path):
+    tasks = D.tokenize_tasks(tiny.tokenizer, _records(9, 50, long_every=4), D.Template(), D.TokenPolicy())
+    prefixes = D.tokenize_prefixes(tiny.tokenizer, _records(11, long_every=3), D.Template(), D.TokenPolicy())
+    base = run(tiny, tasks, prefixes, tmp_path, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)), name="a")
+    variants = [
+        (scoring.EngineConfig(tokens_per_call=64, row_length=128, max_prefix_buckets=1), None),
+        (scoring.EngineConfig(candidates_per_device=3, max_prefix_buckets=2, lm_head_tokens=16), None),
+        (scoring.EngineConfig(candidates_per_device=1, tokens_per_call=256), None),  # 8 devices
+        (scoring.EngineConfig(candidates_per_device=2), Mesh(np.asarray(jax.devices()[:2]), ("data",))),
+    ]
+    assert jax.device_count() == 8
+    for i, (config, mesh) in enumerate(variants):
+        got = run(tiny, tasks, prefixes, tmp_path, config, mesh=mesh, name=f"v{i}")
+        for want, have in zip(base, got, strict=True):
+            # Different shapes only reorder float32 sums: within 1e-5 or a few float32 ulps of sums near 80.
+            np.testing.assert_allclose(have, want, atol=1e-5, rtol=1e-6, err_msg=f"variant {i}")
+
+
+def test_check_finite_names_candidate_and_task():
+    logp = np.zeros((2, 3), np.float32)
+    logp[1, 2] = np.nan
+    with pytest.raises(scoring.ScoringError, match="candidate 'b' on task 'z'"):
+        scoring.check_finite(logp, ["a", "b"], ["x", "y", "z"])
