@@ -48,9 +48,7 @@ def _resolve_columns(columns: Sequence[int] | np.ndarray | None, num_tasks: int)
     else:
         columns = np.asarray(columns)
         if columns.ndim != 1:
-            raise MetricError(
-                f"columns must be 1-D task indices or a boolean mask, got shape {columns.shape}"
-            )
+            raise MetricError(f"columns must be 1-D task indices or a boolean mask, got shape {columns.shape}")
         if columns.dtype == np.bool_:
             if columns.shape[0] != num_tasks:
                 raise MetricError(
@@ -79,9 +77,7 @@ def _load_store(
     """Checks the store's arrays and returns them sliced to the columns, in float64."""
     missing = [key for key in _STORE_KEYS if key not in scores]
     if missing:
-        raise MetricError(
-            f"score store lacks {', '.join(missing)}; it needs {', '.join(_STORE_KEYS)} (see scores.npz)"
-        )
+        raise MetricError(f"score store lacks {', '.join(missing)}; it needs {', '.join(_STORE_KEYS)} (see scores.npz)")
     zero_logp = np.asarray(scores["zero_logp"], dtype=np.float64)  # [T]
     zero_correct = np.asarray(scores["zero_correct"], dtype=np.float64)  # [T]
     n_tokens = np.asarray(scores["n_tokens"], dtype=np.float64)  # [T]
@@ -95,13 +91,9 @@ def _load_store(
             raise MetricError(f"score store {key} has shape {array.shape}, expected [T] = ({num_tasks},)")
     for key, array in (("one_logp", one_logp), ("one_correct", one_correct)):
         if array.ndim != 2 or array.shape[1] != num_tasks:
-            raise MetricError(
-                f"score store {key} has shape {array.shape}, expected [C, T] with T = {num_tasks}"
-            )
+            raise MetricError(f"score store {key} has shape {array.shape}, expected [C, T] with T = {num_tasks}")
     if one_logp.shape != one_correct.shape:
-        raise MetricError(
-            f"score store one_logp {one_logp.shape} and one_correct {one_correct.shape} differ in shape"
-        )
+        raise MetricError(f"score store one_logp {one_logp.shape} and one_correct {one_correct.shape} differ in shape")
     selected = _resolve_columns(columns, num_tasks)
     n_selected = n_tokens[selected]
     bad = np.flatnonzero(~(n_selected > 0))

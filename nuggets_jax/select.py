@@ -100,9 +100,7 @@ def select(
     }
     if len(given) != 1:
         which = "none was set" if not given else f"got {', '.join(sorted(given))}"
-        raise SelectionError(
-            f"set exactly one selection criterion of top_n, top_fraction or threshold ({which})"
-        )
+        raise SelectionError(f"set exactly one selection criterion of top_n, top_fraction or threshold ({which})")
     order = rank_order(array)
     if top_n is not None:
         if isinstance(top_n, bool) or not isinstance(top_n, int | np.integer) or top_n < 1:
@@ -240,14 +238,10 @@ def write_golden(
     rank_of = ranks(checked[rank_metric])
     chosen = np.asarray(selected)
     if chosen.ndim != 1 or (chosen.size and not np.issubdtype(chosen.dtype, np.integer)):
-        raise SelectionError(
-            f"selected must be 1-D integer candidate indices, got {chosen.dtype} {chosen.shape}"
-        )
+        raise SelectionError(f"selected must be 1-D integer candidate indices, got {chosen.dtype} {chosen.shape}")
     chosen = chosen.astype(np.int64)
     if chosen.size and (chosen.min() < 0 or chosen.max() >= len(records)):
-        raise SelectionError(
-            f"selected indices must lie in [0, {len(records)}), got {chosen.min()}..{chosen.max()}"
-        )
+        raise SelectionError(f"selected indices must lie in [0, {len(records)}), got {chosen.min()}..{chosen.max()}")
     if np.unique(chosen).size != chosen.size:
         raise SelectionError("selected indices repeat a candidate; each record may be selected once")
     output = []

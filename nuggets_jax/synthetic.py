@@ -137,9 +137,7 @@ def _celsius_to_fahrenheit(q: tuple, k: int) -> _Example:
         (f"What is {celsius} degrees Celsius in Fahrenheit?", ""),
     ]
     fahrenheit = celsius * 9 // 5 + 32  # exact: celsius is a multiple of 5
-    return _phrased(
-        phrasings, k, say(fahrenheit), [say(celsius * 2 + 30), say(celsius + 32), say(fahrenheit + 10)]
-    )
+    return _phrased(phrasings, k, say(fahrenheit), [say(celsius * 2 + 30), say(celsius + 32), say(fahrenheit + 10)])
 
 
 def _fahrenheit_to_celsius(q: tuple, k: int) -> _Example:
@@ -265,9 +263,7 @@ def _symbol(q: tuple, k: int) -> _Example:
         (f"What is the chemical symbol for {element}?", ""),
         (f"Give the chemical symbol of {element}.", ""),
     ]
-    wrong = [say(element[:2].capitalize())] + [
-        say(_SYMBOLS[(i + step) % len(_SYMBOLS)][1]) for step in (1, 5)
-    ]
+    wrong = [say(element[:2].capitalize())] + [say(_SYMBOLS[(i + step) % len(_SYMBOLS)][1]) for step in (1, 5)]
     return _phrased(phrasings, k, say(symbol), wrong)
 
 

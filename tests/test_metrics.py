@@ -19,9 +19,7 @@ def _hand_store() -> dict[str, np.ndarray]:
     }
 
 
-def _random_store(
-    rng: np.random.Generator, num_candidates: int = 6, num_tasks: int = 7
-) -> dict[str, np.ndarray]:
+def _random_store(rng: np.random.Generator, num_candidates: int = 6, num_tasks: int = 7) -> dict[str, np.ndarray]:
     n_tokens = rng.integers(1, 30, size=num_tasks)
     return {
         "zero_logp": -rng.uniform(0.5, 3.0, size=num_tasks) * n_tokens,

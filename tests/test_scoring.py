@@ -41,7 +41,7 @@ def reference(model, prefix, task, start):
     return logp[pos, seq[pos + 1]].sum(), int((logits[pos].argmax(-1) == seq[pos + 1]).sum())
 
 
-def run(loaded, tasks, prefixes, tmp_path, config=scoring.EngineConfig(), mesh=None, name="s"):
+def run(loaded, tasks, prefixes, tmp_path, config=None, mesh=None, name="s"):
     engine = scoring.Engine(
         loaded.model, tasks, scoring.prefix_lengths_of(prefixes), config, mesh=mesh, log=lambda m: None
     )

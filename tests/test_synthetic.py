@@ -121,9 +121,7 @@ def test_each_corruption_kind_does_what_it_says():
             assert donors and i not in donors
         elif kind == "noise":
             assert len(output) == len(truth) and output != truth
-            assert (
-                re.fullmatch(r"[a-z ]+", output) and not output.startswith(" ") and not output.endswith(" ")
-            )
+            assert re.fullmatch(r"[a-z ]+", output) and not output.startswith(" ") and not output.endswith(" ")
         elif kind == "wrong_answer":
             assert output != truth
             if record["category"] in ("arithmetic", "unit_conversion"):
@@ -218,9 +216,7 @@ def test_clean_unit_conversions_are_correct():
             continue
         output = record["output"]
         question_numbers = [int(x) for x in re.findall(r"-?\d+", record["instruction"])]
-        if temperature := re.fullmatch(
-            r"(-?\d+) degrees (Celsius|Fahrenheit) is (-?\d+) degrees \w+\.", output
-        ):
+        if temperature := re.fullmatch(r"(-?\d+) degrees (Celsius|Fahrenheit) is (-?\d+) degrees \w+\.", output):
             given, unit, answer = int(temperature[1]), temperature[2], int(temperature[3])
             celsius, fahrenheit = (given, answer) if unit == "Celsius" else (answer, given)
             assert fahrenheit - 32 == celsius * 1.8, record

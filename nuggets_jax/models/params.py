@@ -135,6 +135,7 @@ def load_params(model_dir: str | pathlib.Path, config: ModelConfig | None = None
     values: dict[tuple[str, ...], np.ndarray] = {}
     filled: dict[tuple[str, ...], np.ndarray] = {}  # per stacked param: which layers arrived
     unexpected, wrong_shape = [], []
+    misshapen: set[tuple[tuple[str, ...], int | None]] = set()  # reported once, not again as missing
     for file in checkpoint_files(model_dir):
         for name, array in read_safetensors(file):
             hit = _match(name)
@@ -152,6 +153,7 @@ def load_params(model_dir: str | pathlib.Path, config: ModelConfig | None = None
             if tuple(got) != tuple(want):
                 hf_want = tuple(reversed(want)) if transpose else tuple(want)
                 wrong_shape.append(f"{name}: {list(array.shape)}, expected {list(hf_want)}")
+                misshapen.add((path, layer))
                 continue
             array = np.asarray(array.T if transpose else array).astype(dtype)
             if layer is None:
@@ -163,11 +165,13 @@ def load_params(model_dir: str | pathlib.Path, config: ModelConfig | None = None
                 values[path][layer] = array
                 filled[path][layer] = True
     missing = []
-    for path in expected:
-        if path not in values:
-            missing.append(_hf_name(path, None))
-        elif path in filled and not filled[path].all():
-            missing += [_hf_name(path, int(i)) for i in np.flatnonzero(~filled[path])]
+    for path, shape in expected.items():
+        stacked = path[0] == "layers"
+        arrived = filled.get(path, np.zeros(shape[0] if stacked else 1, bool)) if stacked else [path in values]
+        for i in np.flatnonzero(~np.asarray(arrived)):
+            layer = int(i) if stacked else None
+            if (path, layer) not in misshapen:
+                missing.append(_hf_name(path, layer))
     if missing or unexpected or wrong_shape:
         parts = [
             f"{model_dir}: checkpoint does not match config.json ({config.model_type}, "
