@@ -4,7 +4,9 @@ import contextlib
 import os
 import sys
 
-from absl import app
+from absl import app, logging
+
+_in_main = False
 
 
 def log(message: str) -> None:
@@ -33,8 +35,22 @@ def user_errors():
 
 
 def run(main) -> None:
-    """app.run with config-flag mistakes (unknown field, bad value) reported in one line."""
+    """`app.run(main)`, with an unknown `--config.x.y` field reported in one line (exit 2)."""
+
+    def wrapped(argv):
+        global _in_main
+        _in_main = True
+        # absl logs every backend probe at INFO ("Unable to initialize backend 'tpu'"); keep stderr readable.
+        logging.set_verbosity(logging.WARNING)
+        main(argv)
+
     try:
-        app.run(main)
-    except SystemExit:
-        raise
+        app.run(wrapped)
+    except (AttributeError, KeyError) as e:
+        if _in_main or os.environ.get("NUGGETS_DEBUG"):
+            raise
+        name = str(e).strip("\"'")
+        bad = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.") and name in a.split("=")[0]]
+        where = f" ({', '.join(bad)})" if bad else ""
+        print(f"error: unknown config field {name!r}{where}; the config file lists every field.", file=sys.stderr)
+        sys.exit(2)

@@ -236,6 +236,7 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         task_ids,
         chunk_candidates=config.scoring.chunk_candidates,
         progress=config.progress,
+        log=log,
     )
     timings["one_shot_s"] = one.stats.wall_s
 

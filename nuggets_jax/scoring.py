@@ -312,6 +312,7 @@ def run_one_shot(
     task_ids: Sequence[str],
     chunk_candidates: int = 64,
     progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> OneShotResult:
     """Scores every candidate not yet in `store` against every task, saving chunk by chunk.
 
@@ -331,6 +332,8 @@ def run_one_shot(
         idx = chunk["candidates"]
         logp[idx], correct[idx], done[idx] = chunk["one_logp"], chunk["one_correct"], True
     resumed = int(done.sum())
+    if resumed:
+        log(f"resuming: {resumed} of {n} candidates already scored ({len(chunk_names)} chunk(s) in {store.dir})")
     done_anywhere = _any_process(done)
     lengths = np.asarray([len(p) for p in prefixes.ids])
     widths = np.asarray([engine.bucket_width(int(x)) for x in lengths])

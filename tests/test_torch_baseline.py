@@ -266,3 +266,27 @@ def test_load_records_errors_name_file_and_record(tmp_path):
     good = tmp_path / "good.json"
     good.write_text('[{"instruction": "a", "output": "b", "id": 7}]')
     assert torch_baseline.load_records(good) == [{"instruction": "a", "output": "b", "id": 7, "input": ""}]
+
+
+@pytest.mark.integration
+def test_real_model_cached_batch_equals_brute_force(shared_data):
+    from nuggets_jax.models import ensure_default_model
+
+    directory = ensure_default_model()
+    model, tokenizer = load(directory)
+    pool = torch_baseline.load_records(shared_data / "nuggets" / "alpaca_gpt4_bad.json")
+    tasks = torch_baseline.load_records(shared_data / "nuggets" / "alpaca_gpt4_kmeans_100.json")
+    full_lengths = [len(task_ids_by_hand(tokenizer, record, 10**6)[0]) for record in tasks]
+    # Two tasks that fit and one that the 200-token cut shortens.
+    chosen = [0, 1, next(t for t, length in enumerate(full_lengths) if length > 200)]
+    chosen_tasks = [tasks[t] for t in chosen]
+    result = torch_baseline.score_original(model, tokenizer, pool[:1], chosen_tasks, progress=False)
+    prefix = tokenizer(prompt_by_hand(pool[0]) + pool[0]["output"].strip())["input_ids"]
+    for t, record in enumerate(chosen_tasks):
+        task_ids, start = task_ids_by_hand(tokenizer, record, 200)
+        assert result["n_tokens"][t] == len(task_ids) - start
+        logp, _ = brute_force(model, task_ids, start, len(task_ids))
+        np.testing.assert_allclose(result["zero_logp"][t], logp, atol=1e-4, rtol=0)
+        sequence = prefix + task_ids
+        logp, _ = brute_force(model, sequence, len(prefix) + start, len(sequence))
+        np.testing.assert_allclose(result["one_logp"][0, t], logp, atol=1e-4, rtol=0)

@@ -1,0 +1,203 @@
+"""The scoring job end to end on a tiny model: workdir contents, resume after SIGKILL, fingerprints, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from nuggets_jax import metrics, synthetic
+from tests.conftest import REPO
+
+
+def score_cmd(model_dir, pool, tasks, workdir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "experiments.score",
+        "--config=configs/score.py",
+        f"--config.model.path={model_dir}",
+        f"--config.data.pool={pool}",
+        f"--config.data.tasks={tasks}",
+        "--config.scoring.chunk_candidates=2",
+        "--config.progress=False",
+        f"--workdir={workdir}",
+        *extra,
+    ]
+
+
+def env():
+    return {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "PYTHONPATH": str(REPO)}
+
+
+def run(cmd, check=True):
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "pool.json").write_text(json.dumps(synthetic.generate_pool(60, seed=3)))
+    (d / "tasks.json").write_text(json.dumps(synthetic.generate_tasks(40, seed=4)))
+    return d / "pool.json", d / "tasks.json"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_dir, inputs):
+    workdir = tmp_path_factory.mktemp("reference")
+    run(score_cmd(tiny_model_dir, *inputs, workdir))
+    return workdir
+
+
+def test_workdir_contents(reference_run, inputs):
+    w = reference_run
+    for name in ("config.json", "scores.npz", "ranking.jsonl", "golden.json", "report.md", "run.json"):
+        assert (w / name).is_file(), name
+    pool = json.loads(inputs[0].read_text())
+    with np.load(w / "scores.npz") as z:
+        scores = {k: z[k] for k in z.files}
+    c, t = len(pool), 40
+    assert scores["one_logp"].shape == (c, t) and scores["one_correct"].shape == (c, t)
+    assert scores["zero_logp"].shape == (t,) and scores["n_tokens"].shape == (t,)
+    assert list(scores["candidate_ids"]) == [str(r["id"]) for r in pool]
+    assert np.isfinite(scores["one_logp"]).all() and (scores["one_logp"] < 0).all()
+    ranking = [json.loads(line) for line in (w / "ranking.jsonl").read_text().splitlines()]
+    win = metrics.compute_metric("win_rate", scores)
+    # Rank order: win rate descending, ties by position in the pool.
+    position = {r["id"]: i for i, r in enumerate(pool)}
+    keys = [(-win[position[r["id"]]], position[r["id"]]) for r in ranking]
+    assert keys == sorted(keys) and [r["rank"] for r in ranking] == list(range(1, c + 1))
+    assert all("corruption" in r for r in ranking)
+    golden = json.loads((w / "golden.json").read_text())
+    assert len(golden) == int(np.ceil(0.1 * c))
+    assert [g["id"] for g in golden] == [r["id"] for r in ranking[: len(golden)]]
+    assert all(g["corruption"] == next(p for p in pool if p["id"] == g["id"])["corruption"] for g in golden)
+    run_info = json.loads((w / "run.json").read_text())
+    for key in ("tokens_per_s", "pairs_per_s", "flops_per_s", "wall_s"):
+        assert run_info[key] > 0
+    assert run_info["compiles_after_warmup"] == 0
+    config = json.loads((w / "config.json").read_text())
+    assert config["data"]["pool"] == str(inputs[0])
+
+
+@pytest.mark.parametrize("kill_after_chunks", [0, 1, 12])
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model_dir, inputs, reference_run, kill_after_chunks):
+    workdir = tmp_path / "w"
+    chunk_dir = workdir / "chunks" / "process_000"
+    proc = subprocess.Popen(
+        score_cmd(tiny_model_dir, *inputs, workdir),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (
+            chunk_dir.is_dir()
+            and len(list(chunk_dir.glob("one-*.npz"))) >= kill_after_chunks
+            and (kill_after_chunks or (chunk_dir / "zero.npz").is_file())
+        ):
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "scores.npz").exists(), "the run finished before it could be killed"
+    done = len(list(chunk_dir.glob("one-*.npz")))
+    assert done >= kill_after_chunks
+    resumed = run(score_cmd(tiny_model_dir, *inputs, workdir))
+    if done:
+        assert f"resuming: {2 * done} of 60 candidates already scored" in resumed.stderr
+    for name in ("scores.npz", "ranking.jsonl", "golden.json"):
+        assert (workdir / name).read_bytes() == (reference_run / name).read_bytes(), name
+    info = json.loads((workdir / "run.json").read_text())
+    assert info["resumed_candidates"] == 2 * done
+
+
+def test_changed_inputs_are_refused_unless_fresh(tmp_path, tiny_model_dir, inputs):
+    pool = tmp_path / "pool.json"
+    records = json.loads(inputs[0].read_text())[:6]
+    pool.write_text(json.dumps(records))
+    workdir = tmp_path / "w"
+    run(score_cmd(tiny_model_dir, pool, inputs[1], workdir))
+    records[2]["output"] = "Something else entirely."
+    pool.write_text(json.dumps(records))
+    refused = run(score_cmd(tiny_model_dir, pool, inputs[1], workdir), check=False)
+    assert refused.returncode == 2
+    assert "holds scores of a different run" in refused.stderr and "changed: pool" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    run(score_cmd(tiny_model_dir, pool, inputs[1], workdir, "--config.fresh=True"))
+    ranking = [json.loads(line) for line in (workdir / "ranking.jsonl").read_text().splitlines()]
+    assert len(ranking) == 6
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--config.metric=accuracy"], "unknown metric 'accuracy'; choose one of: win_rate"),
+        (["--config.preset=fast"], "unknown preset 'fast'; choose one of: default, original"),
+        (["--config.data.nope=1"], "unknown config field 'nope' (--config.data.nope)"),
+        (["--config.select.top_n=5", "--config.select.threshold=0.5"], "set only one of select.top_n"),
+        (["--config.data.task_set_limit=3"], "40 tasks is more than data.task_set_limit=3"),
+        (["--config.model.path=/no/such/model"], "/no/such/model: no such file or directory"),
+    ],
+)
+def test_bad_config_gives_one_clear_line(tmp_path, tiny_model_dir, inputs, extra, message):
+    proc = run(score_cmd(tiny_model_dir, *inputs, tmp_path / "w", *extra), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_workdir_that_cannot_be_created(tmp_path, tiny_model_dir, inputs):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = run(score_cmd(tiny_model_dir, *inputs, blocker / "w"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot create the workdir" in proc.stderr and "choose a writable --workdir" in proc.stderr
+
+
+def test_disk_full_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, inputs, monkeypatch):
+    """ENOSPC while saving a chunk: a clear StoreError, no partial chunk, and a later run completes exactly."""
+    import errno
+
+    from configs import score as score_config
+    from nuggets_jax import job, store
+
+    config = score_config.get_config()
+    config.model.path = str(tiny_model_dir)
+    config.data.pool, config.data.tasks = str(inputs[0]), str(inputs[1])
+    config.scoring.chunk_candidates = 2
+    config.progress = False
+    workdir = tmp_path / "w"
+    real_fsync, calls = os.fsync, []
+
+    def fsync_until_full(fd):
+        calls.append(fd)
+        if len(calls) > 14:  # config/fingerprint/zero-shot first (file + directory each), then chunks
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", fsync_until_full)
+    with pytest.raises(store.StoreError, match="the disk is full"):
+        job.run_score(config, workdir, log=lambda m: None)
+    monkeypatch.setattr(store.os, "fsync", real_fsync)
+    chunk_dir = workdir / "chunks" / "process_000"
+    assert not list(chunk_dir.glob(".*tmp*"))
+    saved = sum(len(np.load(f)["candidates"]) for f in chunk_dir.glob("one-*.npz"))
+    assert 1 <= saved < 60
+    messages = []
+    job.run_score(config, workdir, log=messages.append)
+    assert any(f"resuming: {saved} of 60" in m for m in messages), (saved, messages)
+    # This process fakes 8 devices (the subprocess runs use 1): compare with an uninterrupted run here.
+    uninterrupted = tmp_path / "u"
+    job.run_score(config, uninterrupted, log=lambda m: None)
+    for name in ("scores.npz", "ranking.jsonl", "golden.json"):
+        assert (workdir / name).read_bytes() == (uninterrupted / name).read_bytes(), name
