@@ -184,3 +184,27 @@ def bucket_of(length: int, widths: Sequence[int]) -> int:
         if length <= w:
             return i
     raise ValueError(f"prefix of {length} tokens exceeds the widest bucket {widths[-1]}")
+
+
+def pad_layout(layout: TaskLayout, rows: int, scored: int, slots: int) -> TaskLayout:
+    """The same layout with every group padded to `rows` rows, `scored` positions and `slots` task slots,
+    so layouts of different task subsets share one compiled program."""
+    groups = []
+    for g in layout.groups:
+        r, length, m, s = g.shape
+        if (r, m, s) > (rows, scored, slots) or m > scored or s > slots or r > rows:
+            raise ValueError(f"cannot pad a group of shape {g.shape} down to ({rows}, {length}, {scored}, {slots})")
+        pad_rows = ((0, rows - r), (0, 0))
+        slot = np.where(g.score_slot == s, slots, g.score_slot).astype(np.int32)
+        groups.append(
+            RowGroup(
+                np.pad(g.tokens, pad_rows),
+                np.pad(g.task_positions, pad_rows),
+                np.pad(g.segment_ids, pad_rows, constant_values=-1),
+                np.pad(g.score_index, (0, scored - m)),
+                np.pad(g.score_target, (0, scored - m)),
+                np.pad(slot, (0, scored - m), constant_values=slots),
+                np.pad(g.tasks, (0, slots - s), constant_values=-1),
+            )
+        )
+    return dataclasses.replace(layout, groups=groups)

@@ -24,7 +24,16 @@ from flax import nnx
 from nuggets_jax import sharding
 from nuggets_jax.data import TokenizedPrefixes, TokenizedTasks
 from nuggets_jax.models.llama import Llama, PrefixCache
-from nuggets_jax.packing import RowGroup, auto_row_length, bucket_of, build_layout, pack_rows, prefix_buckets
+from nuggets_jax.packing import (
+    RowGroup,
+    TaskLayout,
+    auto_row_length,
+    bucket_of,
+    build_layout,
+    pack_rows,
+    pad_layout,
+    prefix_buckets,
+)
 
 
 class ScoringError(RuntimeError):
@@ -109,11 +118,24 @@ class Engine:
         model: Llama,
         tasks: TokenizedTasks,
         prefix_lengths: Sequence[int],
-        config: EngineConfig = EngineConfig(),
+        config: EngineConfig | None = None,
         mesh: jax.sharding.Mesh | None = None,
         log: Callable[[str], None] = print,
+        column_sets: Sequence[Sequence[int]] = (),
     ):
-        self.config = config
+        """Packs the tasks, picks prefix buckets and compiles every program.
+
+        Args:
+          model: the model; its parameters are replicated over the mesh.
+          tasks: the tokenized task set (all columns).
+          prefix_lengths: every prefix length that will be scored (bucket choice).
+          config: batching knobs (default EngineConfig()).
+          mesh: default all devices of all processes.
+          log: progress messages.
+          column_sets: optional task subsets (e.g. adaptive rounds) to lay out as well; they share
+            one padded shape, so they add one step program per prefix bucket.
+        """
+        self.config = config = config or EngineConfig()
         self.model_config = model.config
         self.mesh = mesh or sharding.make_mesh()
         self.tasks = tasks
@@ -127,13 +149,9 @@ class Engine:
                 f"scoring.row_length={self.row_length} is shorter than the longest task "
                 f"({max_len} tokens); set 0 (auto) or at least {max_len}."
             )
-        # Balance the rows over the fewest groups that respect tokens_per_call (no mostly-empty group).
-        n_rows = len(pack_rows([len(t) for t in tasks.ids], self.row_length))
-        target = max(1, config.tokens_per_call // (self.slots * self.row_length))
-        self.rows_per_group = math.ceil(n_rows / math.ceil(n_rows / target))
-        self.layout = build_layout(
-            tasks.ids, tasks.response_start, np.arange(self.num_tasks), self.row_length, self.rows_per_group
-        )
+        self.layout = self._layouts([np.arange(self.num_tasks)])[0]
+        self.subset_layouts = self._layouts(column_sets) if len(column_sets) else []
+        self.rows_per_group = self.layout.groups[0].tokens.shape[0]
         self.buckets = prefix_buckets(list(prefix_lengths), config.max_prefix_buckets)
         longest = self.buckets[-1] + self.row_length
         if longest > model.config.max_position_embeddings:
@@ -143,13 +161,12 @@ class Engine:
             )
         graphdef, state = nnx.split(model)
         self.state = jax.device_put(state, sharding.replicated(self.mesh))
-        r, length, m, s = self.layout.groups[0].shape
         self.lm_chunk = max(8, config.lm_head_tokens // config.candidates_per_device)
-        self.num_slots = s
         t0 = time.perf_counter()
         self._encode, self._step = {}, {}
         data = sharding.data_sharding(self.mesh)
         cfg = model.config
+        shapes = sorted({lay.groups[0].shape for lay in [self.layout, *self.subset_layouts]})
         for width in self.buckets:
             tok = jax.ShapeDtypeStruct((self.slots, width), jnp.int32, sharding=data)
             msk = jax.ShapeDtypeStruct((self.slots, width), jnp.bool_, sharding=data)
@@ -164,18 +181,36 @@ class Engine:
                 sharding=_axis1(self.mesh),
             )
             cache = PrefixCache(kv, kv, msk, jax.ShapeDtypeStruct((self.slots,), jnp.int32, sharding=data))
-            rows = jax.ShapeDtypeStruct((self.slots, r, length), jnp.int32, sharding=data)
-            score = jax.ShapeDtypeStruct((self.slots, m), jnp.int32, sharding=data)
-            step = jax.jit(functools.partial(_step_program, graphdef, s, self.lm_chunk))
-            self._step[width] = step.lower(self.state, cache, rows, rows, rows, score, score, score).compile()
+            for r, length, m, s in shapes:
+                rows = jax.ShapeDtypeStruct((self.slots, r, length), jnp.int32, sharding=data)
+                score = jax.ShapeDtypeStruct((self.slots, m), jnp.int32, sharding=data)
+                step = jax.jit(functools.partial(_step_program, graphdef, s, self.lm_chunk))
+                self._step[width, (r, length, m, s)] = step.lower(
+                    self.state, cache, rows, rows, rows, score, score, score
+                ).compile()
         self.compile_s = time.perf_counter() - t0
         self.programs = len(self._encode) + len(self._step)
-        self._group_arrays = [self._put_group([g] * self._n_local) for g in self.layout.groups]
+        self._group_arrays: dict[int, list[tuple[jax.Array, ...]]] = {}
+        r, length = self.layout.groups[0].tokens.shape
         log(
             f"engine: {self.mesh.devices.size} device(s), C={self.slots} candidates/call, rows {r}x{length} "
             f"(fill {self.layout.fill:.0%}, {len(self.layout.groups)} group(s)), prefix buckets {self.buckets}, "
             f"{self.programs} programs compiled in {self.compile_s:.1f}s"
         )
+
+    def _layouts(self, column_sets: Sequence[Sequence[int]]) -> list[TaskLayout]:
+        """Layouts of the column sets, padded to one shape; rows per group sized by the largest set."""
+        lengths = [len(t) for t in self.tasks.ids]
+        n_rows = max(len(pack_rows([lengths[c] for c in cols], self.row_length)) for cols in column_sets)
+        target = max(1, self.config.tokens_per_call // (self.slots * self.row_length))
+        # Balance the rows over the fewest groups that respect tokens_per_call (no mostly-empty group).
+        rows = math.ceil(n_rows / math.ceil(n_rows / target))
+        layouts = [
+            build_layout(self.tasks.ids, self.tasks.response_start, cols, self.row_length, rows) for cols in column_sets
+        ]
+        m = max(g.shape[2] for lay in layouts for g in lay.groups)
+        s = max(g.shape[3] for lay in layouts for g in lay.groups)
+        return [pad_layout(lay, rows, m, s) for lay in layouts]
 
     @property
     def _n_local(self) -> int:
@@ -201,13 +236,23 @@ class Engine:
                 mask[i, : len(ids)] = True
         return self._encode[width](self.state, self._put(tokens), self._put(mask))
 
-    def dispatch_block(self, prefixes: Sequence[np.ndarray | None]) -> list[tuple[RowGroup, tuple]]:
-        """Starts one block (this process's slots): encode once, then every row group. Non-blocking."""
+    def dispatch_block(
+        self, prefixes: Sequence[np.ndarray | None], layout: TaskLayout | None = None
+    ) -> list[tuple[RowGroup, tuple]]:
+        """Starts one block (this process's slots): encode once, then every row group of `layout`
+        (default: all tasks). Fewer prefixes than local slots are padded with empty slots. Non-blocking."""
+        if len(prefixes) > self._n_local:
+            raise ValueError(f"{len(prefixes)} prefixes for {self._n_local} local slots")
+        prefixes = [*prefixes, *[None] * (self._n_local - len(prefixes))]
+        layout = layout or self.layout
         width = self.bucket_width(max((len(p) for p in prefixes if p is not None), default=0))
         cache = self._encode_local(prefixes, width)
+        if id(layout) not in self._group_arrays:
+            self._group_arrays[id(layout)] = [self._put_group([g] * self._n_local) for g in layout.groups]
+        step = self._step[width, layout.groups[0].shape]
         return [
-            (g, self._step[width](self.state, cache, *arrays))
-            for g, arrays in zip(self.layout.groups, self._group_arrays, strict=True)
+            (g, step(self.state, cache, *arrays))
+            for g, arrays in zip(layout.groups, self._group_arrays[id(layout)], strict=True)
         ]
 
     def collect_block(self, pending: list[tuple[RowGroup, tuple]]) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +279,8 @@ class Engine:
         cache = self._encode_local([zero_prefix] * self._n_local, width)
         for k in range(n_calls):
             mine = [groups[(k * self.slots + self.local.start + i) % len(groups)] for i in range(self._n_local)]
-            logp_sum, correct_sum = self._step[width](self.state, cache, *self._put_group(mine))
+            step = self._step[width, self.layout.groups[0].shape]
+            logp_sum, correct_sum = step(self.state, cache, *self._put_group(mine))
             # Every process needs every task: gather the slots of all processes.
             all_logp = _gather_slots(logp_sum)
             all_correct = _gather_slots(correct_sum)

@@ -98,3 +98,21 @@ def test_check_finite_names_candidate_and_task():
     logp[1, 2] = np.nan
     with pytest.raises(scoring.ScoringError, match="candidate 'b' on task 'z'"):
         scoring.check_finite(logp, ["a", "b"], ["x", "y", "z"])
+
+
+def test_subset_layouts_score_only_their_columns(tiny, tmp_path):
+    tasks = D.tokenize_tasks(tiny.tokenizer, _records(10, 30, long_every=3), D.Template(), D.TokenPolicy())
+    prefixes = D.tokenize_prefixes(tiny.tokenizer, _records(3), D.Template(), D.TokenPolicy())
+    subsets = [[0, 4, 7], [1, 2], [9, 3, 5, 8]]
+    engine = scoring.Engine(
+        tiny.model, tasks, scoring.prefix_lengths_of(prefixes), column_sets=subsets, log=lambda m: None
+    )
+    assert engine.programs == 3 * len(engine.buckets)  # encode + full step + one shared subset step
+    full_logp, full_correct = engine.collect_block(engine.dispatch_block(prefixes.ids[: engine.slots]))
+    for cols, layout in zip(subsets, engine.subset_layouts, strict=True):
+        logp, correct = engine.collect_block(engine.dispatch_block(prefixes.ids[: engine.slots], layout))
+        others = np.setdiff1d(np.arange(10), cols)
+        assert np.isnan(logp[:, others]).all()
+        real = slice(0, min(engine.slots, 3))
+        np.testing.assert_allclose(logp[real][:, cols], full_logp[real][:, cols], atol=1e-5, rtol=1e-6)
+        assert np.array_equal(correct[real][:, cols], full_correct[real][:, cols])

@@ -1,8 +1,6 @@
 """The PyTorch baseline of the original algorithm against brute-force per-pair runs on a tiny random Llama."""
 
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -10,10 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-# benchmarks/ is not an installed package; make it importable under plain `pytest` too.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchmarks import torch_baseline  # noqa: E402
+from benchmarks import torch_baseline
 
 CORPUS = [
     "Instruction:\nGive three tips for staying healthy.\nResponse:\nEat well, sleep enough and move every day.",
