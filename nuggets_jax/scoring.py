@@ -371,18 +371,23 @@ def run_one_shot(
     n, t = len(prefixes.ids), engine.num_tasks
     logp = np.full((n, t), np.nan, np.float32)
     correct = np.zeros((n, t), np.int32)
-    done = np.zeros(n, bool)
-    chunk_names = store.names("one-")
+    chunk_names = [name for name in store.names() if name != "zero"]
     for name in chunk_names:
+        # Exact chunks hold whole rows; other modes (adaptive rounds) add a "columns" array.
         chunk = store.read(name)
         idx = chunk["candidates"]
-        logp[idx], correct[idx], done[idx] = chunk["one_logp"], chunk["one_correct"], True
+        cols = chunk["columns"] if "columns" in chunk else np.arange(t)
+        logp[np.ix_(idx, cols)] = chunk["one_logp"]
+        correct[np.ix_(idx, cols)] = chunk["one_correct"]
+    done = ~np.isnan(logp).any(axis=1)
     resumed = int(done.sum())
     if resumed:
         log(f"resuming: {resumed} of {n} candidates already scored ({len(chunk_names)} chunk(s) in {store.dir})")
     done_anywhere = _any_process(done)
     lengths = np.asarray([len(p) for p in prefixes.ids])
     widths = np.asarray([engine.bucket_width(int(x)) for x in lengths])
+    # Candidates with only some columns (an adaptive run) are completed round by round by
+    # nuggets_jax.adaptive before an exact run; any left partial here are scored again in full.
     remaining = [int(i) for i in np.lexsort((np.arange(n), widths)) if not done_anywhere[i]]
     blocks: list[np.ndarray] = []
     for width in engine.buckets:
@@ -393,7 +398,7 @@ def run_one_shot(
             block[: len(part)] = part
             blocks.append(block)
     blocks_per_chunk = max(1, chunk_candidates // engine.slots)
-    next_seq = 1 + max((int(name.split("-")[1]) for name in chunk_names), default=-1)
+    next_seq = 1 + max((int(name.split("-")[1]) for name in chunk_names if name.startswith("one-")), default=-1)
     stats = PassStats()
     bar = tqdm(
         total=n * t,
