@@ -8,7 +8,6 @@ own devices (`jax.make_array_from_process_local_data`) and reads back only its o
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
@@ -30,9 +29,9 @@ def initialize(config: DistributedConfig) -> None:
     """Calls `jax.distributed.initialize` once, before anything touches the devices."""
     if not config.enabled or jax.distributed.is_initialized():
         return
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        # CPU processes talk through gloo collectives (no-op for accelerators).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes talk through gloo collectives; the setting does nothing for accelerators. It must
+    # be set before the backend starts, so do not ask jax.default_backend() here.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=config.coordinator,
         num_processes=config.num_processes,
