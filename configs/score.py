@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scoring.row_length = 0  # 0 = smallest multiple of 64 that holds the longest task
     config.scoring.max_prefix_buckets = 4
     config.scoring.lm_head_tokens = 1024
+    config.scoring.attention_rows = 2  # task rows per attention chunk (0 = all rows at once)
     config.scoring.chunk_candidates = 32  # candidates per saved chunk
 
     config.distributed = ml_collections.ConfigDict()

@@ -208,11 +208,7 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     )
 
     engine_config = scoring.EngineConfig(
-        candidates_per_device=config.scoring.candidates_per_device,
-        tokens_per_call=config.scoring.tokens_per_call,
-        row_length=config.scoring.row_length,
-        max_prefix_buckets=config.scoring.max_prefix_buckets,
-        lm_head_tokens=config.scoring.lm_head_tokens,
+        **{f.name: config.scoring[f.name] for f in dataclasses.fields(scoring.EngineConfig)}
     )
     engine = scoring.Engine(loaded.model, tasks, scoring.prefix_lengths_of(prefixes), engine_config, log=log)
     timings["compile_s"] = engine.compile_s

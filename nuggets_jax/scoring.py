@@ -50,6 +50,7 @@ class EngineConfig:
       row_length: L, tokens per packed task row; 0 = smallest multiple of 64 holding the longest task.
       max_prefix_buckets: prefix widths to compile (padding vs compile count).
       lm_head_tokens: positions per LM-head chunk over the whole batch (bounds the [.., V] logits).
+      attention_rows: task rows per attention chunk (0 = all at once); small chunks keep the scores in cache.
     """
 
     candidates_per_device: int = 1
@@ -57,6 +58,7 @@ class EngineConfig:
     row_length: int = 0
     max_prefix_buckets: int = 4
     lm_head_tokens: int = 1024
+    attention_rows: int = 2
 
 
 def _encode_program(graphdef, state, tokens, mask) -> PrefixCache:
@@ -67,6 +69,7 @@ def _step_program(
     graphdef,
     num_slots: int,
     lm_chunk: int,
+    attention_rows: int,
     state,
     cache,
     tokens,
@@ -78,7 +81,7 @@ def _step_program(
 ):
     """[C, R, L] rows after each candidate's prefix -> per-slot sums: logp [C, S] f32, correct [C, S] i32."""
     model = nnx.merge(graphdef, state)
-    h = model.forward_rows(cache, tokens, task_positions, segment_ids)  # [C, R, L, D]
+    h = model.forward_rows(cache, tokens, task_positions, segment_ids, attention_rows)  # [C, R, L, D]
     c, d = h.shape[0], h.shape[-1]
     h = jnp.take_along_axis(h.reshape(c, -1, d), score_index[..., None], axis=1)  # [C, M, D]
     logp, correct = model.token_logprobs(h, score_target, chunk=lm_chunk)  # [C, M]
@@ -184,7 +187,7 @@ class Engine:
             for r, length, m, s in shapes:
                 rows = jax.ShapeDtypeStruct((self.slots, r, length), jnp.int32, sharding=data)
                 score = jax.ShapeDtypeStruct((self.slots, m), jnp.int32, sharding=data)
-                step = jax.jit(functools.partial(_step_program, graphdef, s, self.lm_chunk))
+                step = jax.jit(functools.partial(_step_program, graphdef, s, self.lm_chunk, config.attention_rows))
                 self._step[width, (r, length, m, s)] = step.lower(
                     self.state, cache, rows, rows, rows, score, score, score
                 ).compile()

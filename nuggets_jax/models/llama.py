@@ -154,6 +154,34 @@ def _attention(
     return out.astype(q.dtype)
 
 
+def _row_chunked_attention(q, k, v, row_mask, prefix, rows_per_chunk: int) -> jax.Array:
+    """`_attention` over chunks of rows in a loop, so the [.., L, P + L] scores of one chunk stay in cache.
+
+    Rows are independent (each attends only to its own tokens and its candidate's prefix); running a
+    few at a time turns the softmax passes from memory-bound into cache-resident work.
+    """
+    c, r = q.shape[:2]
+    n = max(d for d in range(1, min(rows_per_chunk, r) + 1) if r % d == 0)
+    if n == r:
+        return _attention(q, k, v, row_mask, prefix)
+    row_mask = jnp.broadcast_to(row_mask, (c, r, *row_mask.shape[2:]))
+
+    def split(x):  # [C, R, ...] -> [R/n, C, n, ...]
+        return jnp.moveaxis(x.reshape(c, r // n, n, *x.shape[2:]), 1, 0)
+
+    kp = vp = pm = None
+    if prefix is not None:
+        kp, vp, pm = prefix
+        pm = jnp.broadcast_to(pm, (c, r, *pm.shape[2:]))
+
+    def one(args):
+        qc, kc, vc, mc, pmc = args
+        return _attention(qc, kc, vc, mc, None if prefix is None else (kp, vp, pmc))
+
+    out = jax.lax.map(one, (split(q), split(k), split(v), split(row_mask), None if pm is None else split(pm)))
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+
 def _decoder_layer(
     config: ModelConfig,
     p: dict[str, jax.Array],
@@ -163,6 +191,7 @@ def _decoder_layer(
     row_mask: jax.Array,
     prefix_kv: tuple[jax.Array, jax.Array] | None,  # this layer's k, v [C, P, K, Dh]
     prefix_mask: jax.Array | None,
+    attention_rows: int = 0,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One pre-norm decoder layer; returns the new residual stream and this layer's (k, v)."""
     c, r, length, _ = x.shape
@@ -174,7 +203,11 @@ def _decoder_layer(
     q = _apply_rope(q, cos, sin).reshape(c, r, length, kh, g, dh)
     k = _apply_rope(k, cos, sin)
     prefix = None if prefix_kv is None else (*prefix_kv, prefix_mask)
-    attn = _attention(q, k, v, row_mask, prefix).reshape(c, r, length, kh * g * dh)
+    if attention_rows:
+        attn = _row_chunked_attention(q, k, v, row_mask, prefix, attention_rows)
+    else:
+        attn = _attention(q, k, v, row_mask, prefix)
+    attn = attn.reshape(c, r, length, kh * g * dh)
     x = x + _linear(attn, p["o_proj"], p.get("o_bias"))
     h = _rms_norm(x, p["post_attention_norm"], config.rms_norm_eps)
     gate = _linear(h, p["gate_proj"], p.get("gate_bias"))
@@ -209,13 +242,14 @@ class Llama(nnx.Module):
         row_mask: jax.Array,
         prefix: PrefixCache | None,
         prefix_mask: jax.Array | None,
+        attention_rows: int = 0,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         config = self.config
         cos, sin = _rope_tables(config, positions, self.dtype)
 
         def body(x, layer):
             params, kv = layer
-            return _decoder_layer(config, params, x, cos, sin, row_mask, kv, prefix_mask)
+            return _decoder_layer(config, params, x, cos, sin, row_mask, kv, prefix_mask, attention_rows)
 
         kv_in = None if prefix is None else (prefix.keys, prefix.values)
         x, kv_out = jax.lax.scan(body, x, (self.layers.stacked(), kv_in))
@@ -287,6 +321,7 @@ class Llama(nnx.Module):
         tokens: jax.Array,  # [R, L] or [C, R, L] int
         task_positions: jax.Array,  # [R, L] or [C, R, L]: position inside its task, from 0
         segment_ids: jax.Array,  # [R, L] or [C, R, L]: task slot in the row, -1 for padding
+        attention_rows: int = 0,
     ) -> jax.Array:
         """Hidden states [C, R, L, D] of task rows that follow each candidate's prefix.
 
@@ -308,7 +343,7 @@ class Llama(nnx.Module):
         if self.config.sliding_window is not None:
             prefix_mask = prefix_mask & self._window(positions, jnp.arange(p))
         x = self.embed[...][tokens]
-        h, _ = self._run_layers(x, positions, row_mask, prefix, prefix_mask)
+        h, _ = self._run_layers(x, positions, row_mask, prefix, prefix_mask, attention_rows)
         return h
 
     def token_logprobs(self, h: jax.Array, targets: jax.Array, chunk: int = 512) -> tuple[jax.Array, jax.Array]:

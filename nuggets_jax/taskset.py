@@ -1,0 +1,627 @@
+"""Predefined task sets: K-means over model embeddings of a pool sample, or a random sample.
+
+The paper's recipe (DESIGN.md, "The job"): sample M examples of a pool with a seed, embed each
+with the scoring model (mean of the final hidden layer over its real tokens), cluster them with
+K-means into K clusters and keep the example nearest each centroid. The random baseline keeps K
+examples of the same sample. A task set is written in the input format (a .json list), each
+record carrying its own fields plus `"taskset": {"pool_id", "cluster", "distance"}`, next to a
+sidecar `<name>.provenance.json` that says exactly how it was built; a sidecar equal to the one a
+request would write means the file can be reused as is.
+
+Determinism: the sample depends only on (eligible pool, M, seed); K-means is seeded; the pick of
+a cluster is its member nearest the centroid, ties going to the earlier example. Random picks are
+the first K of one seeded permutation of the sample, so for a seed the smaller random sets are
+prefixes of the larger ones (nested, which also keeps the union of a sweep small).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from nuggets_jax import data as data_lib
+from nuggets_jax import store as store_lib
+from nuggets_jax import synthetic
+from nuggets_jax.packing import bucket_of, prefix_buckets
+
+CONSTRUCTIONS = ("kmeans", "random")
+EMBEDDING_TEXTS = ("full", "prompt", "output")
+EMBEDDING = "mean of final hidden layer over real tokens"
+TASKSET_FIELD = "taskset"
+DEFAULT_SOURCE_SIZE = 1000  # records of the generated source ("default"): enough for M = 1000
+# Sidecar keys that decide whether a saved task set answers a request (the rest is outcome).
+REQUEST_KEYS = (
+    "construction",
+    "k",
+    "m",
+    "seed",
+    "n_init",
+    "pool",
+    "pool_sha256",
+    "exclude",
+    "model",
+    "model_fingerprint",
+    "dtype",
+    "embedding",
+    "embedding_text",
+    "embedding_max_tokens",
+    "template",
+)
+
+
+class TaskSetError(ValueError):
+    """A task-set request that cannot be built; the message says what to change."""
+
+
+# -- the source of task candidates ----------------------------------------------------------------
+
+
+def content_key(record: data_lib.Record) -> tuple[str, str, str]:
+    """What makes two records the same example (ids and extra fields differ between files)."""
+    return (record.instruction, record.input, record.output)
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def read_valid_records(path: str | pathlib.Path, role: str = "pool") -> tuple[list[data_lib.Record], list[str]]:
+    """Reads a .json/.jsonl file like `data.read_records`, but skips records that are not valid.
+
+    Public datasets hold the odd record with an empty output; such a record can be neither a task
+    nor a candidate, so sampling skips it instead of refusing the file. A skipped record keeps its
+    place: ids of records without an "id" field are still their position in the file.
+
+    Returns:
+      (valid records, one message per skipped record).
+
+    Raises:
+      DataError: the file itself cannot be read (missing, not UTF-8, not JSON), or duplicate ids.
+    """
+    path = pathlib.Path(path)
+    try:
+        return data_lib.read_records(path, role), []
+    except data_lib.DataError:
+        pass
+    text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
+        objects = [(f"{path}:{n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        objects = [(where, json.loads(line)) for where, line in objects]
+    else:
+        objects = [(f"{path}[{i}]", o) for i, o in enumerate(json.loads(text))]
+    valid, skipped = [], []
+    for position, (where, obj) in enumerate(objects):
+        try:
+            (record,) = data_lib.records_from_objects([(where, obj)], str(path), role)
+        except data_lib.DataError as e:
+            skipped.append(str(e))
+            continue
+        record_id = record.id if isinstance(obj, dict) and "id" in obj else str(position)
+        valid.append(dataclasses.replace(record, id=record_id, position=position))
+    if not valid:
+        raise data_lib.DataError(f"{path}: no valid record ({skipped[0]}).")
+    seen: set[str] = set()
+    for record in valid:
+        if record.id in seen:
+            raise data_lib.DataError(f"{path}: duplicate id {record.id!r}; ids must be unique within a file.")
+        seen.add(record.id)
+    return valid, skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The examples task sets are drawn from.
+
+    Attributes:
+      records: every record of the source file.
+      path: the file (or a description of the generated source).
+      sha256: digest of the file bytes (of the JSON of a generated source).
+      eligible: [E] sorted indices into `records` that may be drawn (not excluded).
+      exclude: {"path", "sha256", "removed"} of the exclusion, or None.
+    """
+
+    records: list[data_lib.Record]
+    path: str
+    sha256: str
+    eligible: np.ndarray
+    exclude: dict[str, Any] | None = None
+
+
+def load_source(
+    spec: str,
+    exclude: str | pathlib.Path | Sequence[data_lib.Record] | None = None,
+    exclude_label: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Source:
+    """Reads the source of task candidates and removes the excluded examples.
+
+    Args:
+      spec: a .json/.jsonl file, or "default" for `DEFAULT_SOURCE_SIZE` generated held-out tasks
+        (`nuggets_jax.synthetic.generate_tasks`, which never share a question with a generated pool).
+      exclude: records (or a file of them) that must not be drawn, matched by content
+        (instruction, input, output), e.g. the candidate pool a sweep scores; None or "" = none.
+      exclude_label: how the provenance names `exclude` when it is a list of records.
+      log: where to say how many invalid records were skipped.
+
+    Raises:
+      DataError / TaskSetError: unreadable files, or nothing left to draw from.
+    """
+    if spec == "default":
+        objects = synthetic.generate_tasks(DEFAULT_SOURCE_SIZE)
+        path = f"<generated tasks: nuggets_jax.synthetic.generate_tasks({DEFAULT_SOURCE_SIZE})>"
+        records = data_lib.records_from_objects([(f"{path}[{i}]", o) for i, o in enumerate(objects)], path, "tasks")
+        digest = hashlib.sha256(json.dumps(objects, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    else:
+        file = pathlib.Path(spec).expanduser()
+        records, skipped = read_valid_records(file, "taskset.source")
+        path, digest = str(file), file_sha256(file)
+        if skipped:
+            log(f"{path}: skipped {len(skipped)} record(s) that cannot be tasks, e.g. {skipped[0]}")
+    eligible = np.arange(len(records))
+    info = None
+    if exclude is not None and not (isinstance(exclude, str) and not exclude):
+        if isinstance(exclude, str | pathlib.Path):
+            file = pathlib.Path(exclude).expanduser()
+            excluded = data_lib.read_records(file, "taskset.exclude")
+            label, excluded_digest = str(file), file_sha256(file)
+        else:
+            excluded = list(exclude)
+            label = exclude_label or "<records>"
+            keys = sorted(content_key(r) for r in excluded)
+            excluded_digest = hashlib.sha256(json.dumps(keys, ensure_ascii=False).encode()).hexdigest()
+        banned = {content_key(r) for r in excluded}
+        eligible = np.asarray([i for i, r in enumerate(records) if content_key(r) not in banned], np.int64)
+        info = {"path": label, "sha256": excluded_digest, "removed": int(len(records) - len(eligible))}
+    if len(eligible) == 0:
+        raise TaskSetError(f"{path}: every record is excluded ({info}); draw task sets from another source.")
+    return Source(records, path, digest, eligible, info)
+
+
+def sample_indices(num_eligible: int, m: int, seed: int) -> np.ndarray:
+    """M positions in [0, num_eligible), sorted, drawn without replacement; m <= 0 or m >= E = all."""
+    if m <= 0 or m >= num_eligible:
+        return np.arange(num_eligible)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_eligible, size=m, replace=False))
+
+
+def random_picks(m: int, k: int, seed: int) -> np.ndarray:
+    """K distinct positions in [0, m): the first K of one seeded permutation (nested over K)."""
+    if not 1 <= k <= m:
+        raise TaskSetError(f"k={k} must be between 1 and the sample size m={m}.")
+    # A seed stream of its own, so the picks do not repeat the draw that made the sample.
+    return np.random.default_rng([seed, 1]).permutation(m)[:k]
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeansPicks:
+    """Result of `kmeans_picks`; every array is aligned with the clusters 0..K-1."""
+
+    picks: np.ndarray  # [K] int: index into the embeddings of the example kept for each cluster
+    distances: np.ndarray  # [K] float64: its Euclidean distance to the centroid
+    centers: np.ndarray  # [K, D] float64
+    labels: np.ndarray  # [M] int: cluster of each example
+    inertia: float
+
+
+def kmeans_picks(embeddings: np.ndarray, k: int, seed: int, n_init: int = 10) -> KMeansPicks:
+    """K-means (scikit-learn, k-means++ init, seeded), then the member nearest each centroid.
+
+    Args:
+      embeddings: [M, D] one row per example.
+      k: clusters (1 <= k <= M).
+      seed: `random_state` of KMeans.
+      n_init: restarts; the lowest-inertia run wins.
+
+    Returns:
+      The kept example of every cluster: its member nearest the centroid (ties: lowest index).
+      Being the nearest member it is also the nearest example overall unless another cluster's
+      member is closer; a cluster left empty (duplicate embeddings) takes the nearest example not
+      kept yet, so the K picks are always distinct.
+    """
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(embeddings, np.float64)  # [M, D]
+    if x.ndim != 2 or not 1 <= k <= x.shape[0]:
+        raise TaskSetError(f"k={k} must be between 1 and the number of embedded examples ({x.shape[0]}).")
+    if n_init < 1:
+        raise TaskSetError(f"n_init must be at least 1, got {n_init}.")
+    model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
+    centers = model.cluster_centers_  # [K, D]
+    labels = model.labels_
+
+    def distance_to(j: int) -> np.ndarray:  # [M]; one centroid at a time keeps memory at [M, D]
+        return np.sqrt(((x - centers[j]) ** 2).sum(-1))
+
+    picks = np.full(k, -1, np.int64)
+    for j in range(k):
+        members = np.flatnonzero(labels == j)
+        if members.size:
+            picks[j] = members[np.argmin(distance_to(j)[members])]
+    for j in np.flatnonzero(picks < 0):
+        taken = np.zeros(x.shape[0], bool)
+        taken[picks[picks >= 0]] = True
+        picks[j] = int(np.argmin(np.where(taken, np.inf, distance_to(j))))
+    distances = np.asarray([distance_to(j)[picks[j]] for j in range(k)])
+    return KMeansPicks(picks, distances, centers, labels, float(model.inertia_))
+
+
+# -- embeddings -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingConfig:
+    """How examples are embedded.
+
+    Attributes:
+      text: "full" (the template's prompt + output, what a candidate prefix holds), "prompt" or "output".
+      max_tokens: tokens kept per example (the first ones).
+      batch_tokens: target rows x width of one call.
+      max_buckets: length buckets (one compiled program each).
+    """
+
+    text: str = "full"
+    max_tokens: int = 256
+    batch_tokens: int = 8192
+    max_buckets: int = 6
+
+
+def embedding_texts(records: Sequence[data_lib.Record], template: data_lib.Template, text: str = "full") -> list[str]:
+    """The text of each record that is embedded."""
+    if text == "full":
+        return [template.full_text(r) for r in records]
+    if text == "prompt":
+        return [template.prompt(r) for r in records]
+    if text == "output":
+        return [r.output for r in records]
+    raise TaskSetError(f"unknown embedding text {text!r}; choose one of: {', '.join(EMBEDDING_TEXTS)}.")
+
+
+def tokenize_for_embedding(tokenizer, texts: Sequence[str], max_tokens: int) -> list[np.ndarray]:
+    """Token ids as the tokenizer encodes each text by default (special tokens included), cut."""
+    if max_tokens < 1:
+        raise TaskSetError(f"embedding max_tokens must be at least 1, got {max_tokens}.")
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
+    return [np.asarray(t[:max_tokens], np.int32) for t in ids]
+
+
+def masked_mean(h, mask):
+    """Mean of h [B, L, D] over the positions where mask [B, L] is true, in float32 -> [B, D].
+
+    A row with no real token gives zeros (padding rows of a batch), not NaN.
+    """
+    import jax.numpy as jnp
+
+    weights = mask.astype(jnp.float32)[..., None]  # [B, L, 1]
+    total = jnp.sum(h.astype(jnp.float32) * weights, axis=1)  # [B, D]
+    return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
+def _mean_hidden_program(graphdef, state, tokens, mask):
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+    return masked_mean(model.hidden(tokens, mask), mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedStats:
+    """What `embed_token_ids` did."""
+
+    wall_s: float
+    tokens: int  # real tokens embedded
+    padded_tokens: int  # tokens computed, padding included
+    programs: int  # compiled programs (one per bucket)
+    buckets: tuple[int, ...]
+
+
+def embed_token_ids(
+    model,
+    ids: Sequence[np.ndarray],
+    batch_tokens: int = 8192,
+    max_buckets: int = 6,
+) -> tuple[np.ndarray, EmbedStats]:
+    """Mean final hidden state over the real tokens of each sequence.
+
+    Sequences are grouped into at most `max_buckets` widths (least padding); each bucket has one
+    fixed batch shape compiled ahead of time, so nothing compiles inside the loop. Right padding
+    cannot change a real token's hidden state (causal attention masks padded keys) and is left
+    out of the mean, so an embedding does not depend on its batch or bucket.
+
+    Args:
+      model: a `Llama`.
+      ids: N token-id arrays, each non-empty.
+      batch_tokens: target rows x width per call.
+      max_buckets: number of widths.
+
+    Returns:
+      ([N, D] float32 embeddings, stats).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    t0 = time.perf_counter()
+    lengths = [len(t) for t in ids]
+    if not ids:
+        return np.zeros((0, model.config.hidden_size), np.float32), EmbedStats(0.0, 0, 0, 0, ())
+    if min(lengths) < 1:
+        raise TaskSetError("cannot embed an empty token sequence.")
+    widths = prefix_buckets(lengths, max_buckets)
+    members: dict[int, list[int]] = {w: [] for w in widths}
+    for i, n in enumerate(lengths):
+        members[widths[bucket_of(n, widths)]].append(i)
+    graphdef, state = nnx.split(model)
+    program = jax.jit(functools.partial(_mean_hidden_program, graphdef))
+    out = np.zeros((len(ids), model.config.hidden_size), np.float32)
+    pending = []
+    padded = 0
+    programs = 0
+    for width, rows_of in members.items():
+        if not rows_of:
+            continue
+        # Equal batches (the last one not mostly padding): the fewest calls within batch_tokens.
+        calls = math.ceil(len(rows_of) / max(1, batch_tokens // width))
+        rows = math.ceil(len(rows_of) / calls)
+        spec = jax.ShapeDtypeStruct((rows, width), jnp.int32)
+        compiled = program.lower(state, spec, jax.ShapeDtypeStruct((rows, width), jnp.bool_)).compile()
+        programs += 1
+        for start in range(0, len(rows_of), rows):
+            batch = rows_of[start : start + rows]
+            tokens = np.zeros((rows, width), np.int32)
+            mask = np.zeros((rows, width), bool)
+            for r, i in enumerate(batch):
+                tokens[r, : lengths[i]] = ids[i]
+                mask[r, : lengths[i]] = True
+            # Dispatch is asynchronous: the host fills the next batch while this one runs.
+            pending.append((batch, compiled(state, tokens, mask)))
+            padded += rows * width
+    for batch, result in pending:
+        out[batch] = np.asarray(result)[: len(batch)]
+    stats = EmbedStats(time.perf_counter() - t0, int(sum(lengths)), padded, programs, tuple(widths))
+    return out, stats
+
+
+# -- building task sets ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSetSpec:
+    """What to build: the construction, K, the sample size M and the seed."""
+
+    construction: str = "kmeans"
+    k: int = 100
+    m: int = 1000
+    seed: int = 0
+    n_init: int = 10
+
+    def check(self) -> None:
+        if self.construction not in CONSTRUCTIONS:
+            raise TaskSetError(
+                f"unknown construction {self.construction!r}; choose one of: {', '.join(CONSTRUCTIONS)}."
+            )
+        if self.k < 1:
+            raise TaskSetError(f"k must be at least 1, got {self.k}.")
+        if self.m and self.m < self.k:
+            raise TaskSetError(f"m={self.m} examples cannot give k={self.k} tasks; set m >= k (or m=0 for all).")
+
+    @property
+    def name(self) -> str:
+        return f"{self.construction}_k{self.k}_m{self.m}_s{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSet:
+    """A built task set: records in the input format (with their "taskset" field) and the sidecar."""
+
+    records: list[dict[str, Any]]
+    provenance: dict[str, Any]
+
+    @property
+    def pool_ids(self) -> list[str]:
+        return [r[TASKSET_FIELD]["pool_id"] for r in self.records]
+
+
+class TaskSetBuilder:
+    """Builds task sets from one source with one model; embeddings are computed once per example.
+
+    The model is loaded on first need (a random construction never loads it).
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        model_path: str = "default",
+        dtype: str = "float32",
+        template: data_lib.Template | None = None,
+        embedding: EmbeddingConfig | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.source = source
+        self.model_path = str(model_path)
+        self.dtype = dtype
+        self.template = template or data_lib.Template()
+        self.embedding = embedding or EmbeddingConfig()
+        if self.embedding.text not in EMBEDDING_TEXTS:
+            raise TaskSetError(
+                f"unknown embedding text {self.embedding.text!r}; choose one of: {', '.join(EMBEDDING_TEXTS)}."
+            )
+        self.log = log
+        self._loaded = None
+        self._model_fingerprint: str | None = None
+        self._cache: dict[int, np.ndarray] = {}  # source index -> [D]
+        self.embed_s = 0.0
+        self.embedded = 0
+
+    @property
+    def loaded(self):
+        if self._loaded is None:
+            from nuggets_jax import models
+
+            self._loaded = models.load_model(self.model_path, dtype=self.dtype)
+        return self._loaded
+
+    @property
+    def model_fingerprint(self) -> str:
+        if self._model_fingerprint is None:
+            from nuggets_jax import models
+
+            self._model_fingerprint = models.model_fingerprint(models.resolve_model_dir(self.model_path))
+        return self._model_fingerprint
+
+    def sample(self, spec: TaskSetSpec) -> np.ndarray:
+        """Source indices [M] of the spec's sample (sorted)."""
+        eligible = self.source.eligible
+        if spec.m > len(eligible):
+            raise TaskSetError(
+                f"{self.source.path}: m={spec.m} but only {len(eligible)} records can be drawn "
+                f"({(self.source.exclude or {}).get('removed', 0)} excluded); lower m or use m=0 for all."
+            )
+        return eligible[sample_indices(len(eligible), spec.m, spec.seed)]
+
+    def embed(self, indices: Sequence[int]) -> np.ndarray:
+        """[len(indices), D] embeddings of source records, computing only those not cached."""
+        missing = sorted({int(i) for i in indices} - set(self._cache))
+        if missing:
+            records = [self.source.records[i] for i in missing]
+            texts = embedding_texts(records, self.template, self.embedding.text)
+            loaded = self.loaded
+            ids = tokenize_for_embedding(loaded.tokenizer, texts, self.embedding.max_tokens)
+            vectors, stats = embed_token_ids(loaded.model, ids, self.embedding.batch_tokens, self.embedding.max_buckets)
+            self.embed_s += stats.wall_s
+            self.embedded += len(missing)
+            self.log(
+                f"embedded {len(missing)} examples ({stats.tokens} tokens, {stats.padded_tokens} with padding, "
+                f"buckets {list(stats.buckets)}, {stats.programs} programs) in {stats.wall_s:.1f}s "
+                f"({stats.tokens / max(stats.wall_s, 1e-9):.0f} tokens/s)"
+            )
+            self._cache.update(zip(missing, vectors, strict=True))
+        return np.stack([self._cache[int(i)] for i in indices]) if len(indices) else np.zeros((0, 0), np.float32)
+
+    def request(self, spec: TaskSetSpec) -> dict[str, Any]:
+        """The sidecar keys that identify the task set `spec` would give (`REQUEST_KEYS`)."""
+        spec.check()
+        kmeans = spec.construction == "kmeans"
+        return {
+            "construction": spec.construction,
+            "k": spec.k,
+            "m": spec.m,
+            "seed": spec.seed,
+            "n_init": spec.n_init if kmeans else None,
+            "pool": self.source.path,
+            "pool_sha256": self.source.sha256,
+            "exclude": self.source.exclude,
+            "model": self.model_path if kmeans else None,
+            "model_fingerprint": self.model_fingerprint if kmeans else None,
+            "dtype": self.dtype if kmeans else None,
+            "embedding": EMBEDDING if kmeans else None,
+            "embedding_text": self.embedding.text if kmeans else None,
+            "embedding_max_tokens": self.embedding.max_tokens if kmeans else None,
+            "template": [self.template.prompt_no_input, self.template.prompt_with_input] if kmeans else None,
+        }
+
+    def build(self, spec: TaskSetSpec) -> TaskSet:
+        """Draws the sample, picks K examples and returns them with their provenance."""
+        provenance = self.request(spec)
+        sample = self.sample(spec)  # [M] source indices
+        if spec.k > len(sample):
+            raise TaskSetError(f"{self.source.path}: k={spec.k} is more than the {len(sample)} sampled records.")
+        if spec.construction == "kmeans":
+            self.loaded  # noqa: B018 -- load before the clock starts: build_s is the construction alone
+        t0 = time.perf_counter()
+        if spec.construction == "kmeans":
+            result = kmeans_picks(self.embed(sample), spec.k, spec.seed, spec.n_init)
+            chosen = sample[result.picks]
+            cluster = [int(c) for c in range(spec.k)]
+            distance = [float(d) for d in result.distances]
+            provenance["inertia"] = result.inertia
+        else:
+            chosen = sample[random_picks(len(sample), spec.k, spec.seed)]
+            cluster = [None] * spec.k
+            distance = [None] * spec.k
+        # Source order, so a task set file reads like its pool.
+        order = np.argsort(chosen, kind="stable")
+        records = []
+        for j in order:
+            record = self.source.records[int(chosen[j])]
+            taskset = {"pool_id": record.id, "cluster": cluster[j], "distance": distance[j]}
+            records.append({**record.raw, TASKSET_FIELD: taskset})
+        provenance.update(
+            name=spec.name,
+            sample_size=int(len(sample)),
+            eligible=int(len(self.source.eligible)),
+            pool_ids=[r[TASKSET_FIELD]["pool_id"] for r in records],
+            build_s=time.perf_counter() - t0,
+        )
+        return TaskSet(records, provenance)
+
+
+def provenance_path(path: str | pathlib.Path) -> pathlib.Path:
+    """`<dir>/<name>.provenance.json` for the task-set file `<dir>/<name>.json`."""
+    path = pathlib.Path(path)
+    return path.with_name(path.name.removesuffix(".json") + ".provenance.json")
+
+
+def write_taskset(path: str | pathlib.Path, taskset: TaskSet) -> pathlib.Path:
+    """Writes the task set (a .json list) and its sidecar; the sidecar last, as the 'done' mark."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(taskset.records, ensure_ascii=False, indent=1) + "\n"
+    store_lib.atomic_write_bytes(path, text.encode("utf-8"))
+    sidecar = {**taskset.provenance, "file_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    store_lib.atomic_write_bytes(provenance_path(path), json.dumps(sidecar, indent=2, ensure_ascii=False).encode())
+    return path
+
+
+def read_taskset(path: str | pathlib.Path) -> TaskSet:
+    """Reads a task set written by `write_taskset` (both files)."""
+    path = pathlib.Path(path)
+    side = provenance_path(path)
+    if not side.is_file():
+        raise TaskSetError(f"{path}: no provenance file {side.name} next to it; rebuild the task set.")
+    records = json.loads(path.read_text(encoding="utf-8"))
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or TASKSET_FIELD not in r:
+            raise TaskSetError(f'{path}[{i}]: record has no "{TASKSET_FIELD}" field; rebuild the task set.')
+    return TaskSet(records, json.loads(side.read_text(encoding="utf-8")))
+
+
+def saved_matches(path: str | pathlib.Path, request: dict[str, Any]) -> bool:
+    """True when `path` holds a complete task set built for exactly `request`."""
+    path = pathlib.Path(path)
+    side = provenance_path(path)
+    if not (path.is_file() and side.is_file()):
+        return False
+    try:
+        saved = json.loads(side.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    if hashlib.sha256(path.read_bytes()).hexdigest() != saved.get("file_sha256"):
+        return False
+    return all(saved.get(key) == request.get(key) for key in REQUEST_KEYS)
+
+
+def build_or_reuse(
+    builder: TaskSetBuilder, spec: TaskSetSpec, path: str | pathlib.Path, write: bool = True
+) -> tuple[TaskSet, bool]:
+    """The task set at `path` if it answers `spec`, else a new one (written when `write`).
+
+    Returns:
+      (task set, reused).
+    """
+    request = builder.request(spec)
+    if saved_matches(path, request):
+        return read_taskset(path), True
+    taskset = builder.build(spec)
+    if write:
+        write_taskset(path, taskset)
+    return taskset, False
