@@ -18,7 +18,16 @@ from safetensors.numpy import load_file
 from tokenizers import decoders, pre_tokenizers, trainers
 
 from nuggets_jax import models
-from nuggets_jax.models import GGUFError, Llama, ModelConfig, convert_gguf, load_model, load_params, save_params
+from nuggets_jax.models import (
+    GGUFError,
+    Llama,
+    ModelConfig,
+    convert_gguf,
+    gguf_tokenizer,
+    load_model,
+    load_params,
+    save_params,
+)
 from nuggets_jax.models import gguf as gguf_module
 
 Q = gguf.GGMLQuantizationType
@@ -318,10 +327,10 @@ _PIECES = {
 
 @pytest.mark.parametrize("pre", sorted(_PIECES))
 def test_pre_tokenizer_splits(pre):
-    make, _ = gguf_module._PRE_TOKENIZERS[pre]
+    make, _ = gguf_tokenizer._PRE_TOKENIZERS[pre]
     pieces = [piece for piece, _ in make().pre_tokenize_str("Hi  there 2024!\n\nOK's")]
     assert pieces == _PIECES[pre]
-    assert set(gguf_module.SUPPORTED_PRE_TOKENIZERS) == set(_PIECES)
+    assert set(gguf_tokenizer.SUPPORTED_PRE_TOKENIZERS) == set(_PIECES)
 
 
 def test_unknown_pre_tokenizer_lists_supported(tmp_path, smollm_tokenizer, llama_source):
