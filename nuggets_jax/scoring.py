@@ -308,12 +308,12 @@ class Engine:
         """Model FLOPs one candidate needs: its prefix once, then every task after it (real tokens only)."""
         cfg = self.model_config
         body, head = cfg.flops_per_token(lm_head=False), cfg.flops_per_token() - cfg.flops_per_token(False)
-        p = prefix_length
-        flops = p * body + cfg.attention_flops(p, (p + 1) / 2)
-        for ids, start in zip(self.tasks.ids, self.tasks.response_start, strict=True):
-            n = len(ids)
-            flops += n * body + (n - int(start)) * head + cfg.attention_flops(n, p + (n + 1) / 2)
-        return flops
+        n = np.asarray([len(ids) for ids in self.tasks.ids], np.float64)
+        p = float(prefix_length)
+        # Tasks: body on every token, LM head on the response, attention to the prefix and the causal task.
+        tasks = n.sum() * body + float(self.tasks.n_tokens.sum()) * head
+        tasks += cfg.attention_flops(1.0, float(np.sum(n * (p + (n + 1) / 2))))
+        return float(p * body + cfg.attention_flops(p, (p + 1) / 2) + tasks)
 
 
 def _axis1(mesh) -> jax.sharding.NamedSharding:
