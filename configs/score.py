@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.scoring = ml_collections.ConfigDict()
     config.scoring.candidates_per_device = 1
-    config.scoring.tokens_per_call = 16384
+    config.scoring.tokens_per_device = 16384
     config.scoring.row_length = 0  # 0 = smallest multiple of 64 that holds the longest task
     config.scoring.max_prefix_buckets = 4
     config.scoring.lm_head_tokens = 1024

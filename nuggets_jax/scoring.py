@@ -46,15 +46,16 @@ class EngineConfig:
 
     Attributes:
       candidates_per_device: candidates per device in one call (C = this x devices).
-      tokens_per_call: target C x R x L; R follows from it.
+      tokens_per_device: target task tokens per device per call (candidates_per_device x R x L);
+        the rows per call R follow from it.
       row_length: L, tokens per packed task row; 0 = smallest multiple of 64 holding the longest task.
       max_prefix_buckets: prefix widths to compile (padding vs compile count).
-      lm_head_tokens: positions per LM-head chunk over the whole batch (bounds the [.., V] logits).
+      lm_head_tokens: positions per LM-head chunk per device (bounds the [.., V] logits).
       attention_rows: task rows per attention chunk (0 = all at once); small chunks keep the scores in cache.
     """
 
     candidates_per_device: int = 1
-    tokens_per_call: int = 16384
+    tokens_per_device: int = 16384
     row_length: int = 0
     max_prefix_buckets: int = 4
     lm_head_tokens: int = 1024
@@ -205,8 +206,8 @@ class Engine:
         """Layouts of the column sets, padded to one shape; rows per group sized by the largest set."""
         lengths = [len(t) for t in self.tasks.ids]
         n_rows = max(len(pack_rows([lengths[c] for c in cols], self.row_length)) for cols in column_sets)
-        target = max(1, self.config.tokens_per_call // (self.slots * self.row_length))
-        # Balance the rows over the fewest groups that respect tokens_per_call (no mostly-empty group).
+        target = max(1, self.config.tokens_per_device // (self.config.candidates_per_device * self.row_length))
+        # Balance the rows over the fewest groups that respect tokens_per_device (no mostly-empty group).
         rows = math.ceil(n_rows / math.ceil(n_rows / target))
         layouts = [
             build_layout(self.tasks.ids, self.tasks.response_start, cols, self.row_length, rows) for cols in column_sets
