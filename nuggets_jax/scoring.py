@@ -241,7 +241,7 @@ class Engine:
         return self._encode[width](self.state, self._put(tokens), self._put(mask))
 
     def dispatch_block(
-        self, prefixes: Sequence[np.ndarray | None], layout: TaskLayout | None = None
+        self, prefixes: Sequence[np.ndarray | None], layout: TaskLayout | None = None, width: int | None = None
     ) -> list[tuple[RowGroup, tuple]]:
         """Starts one block (this process's slots): encode once, then every row group of `layout`
         (default: all tasks). Fewer prefixes than local slots are padded with empty slots. Non-blocking."""
@@ -249,7 +249,8 @@ class Engine:
             raise ValueError(f"{len(prefixes)} prefixes for {self._n_local} local slots")
         prefixes = [*prefixes, *[None] * (self._n_local - len(prefixes))]
         layout = layout or self.layout
-        width = self.bucket_width(max((len(p) for p in prefixes if p is not None), default=0))
+        # With several processes every one must pick the same program: pass the global block's width.
+        width = width or self.bucket_width(max((len(p) for p in prefixes if p is not None), default=0))
         cache = self._encode_local(prefixes, width)
         if id(layout) not in self._group_arrays:
             self._group_arrays[id(layout)] = [self._put_group([g] * self._n_local) for g in layout.groups]
@@ -393,14 +394,7 @@ def run_one_shot(
     # Candidates with only some columns (an adaptive run) are completed round by round by
     # nuggets_jax.adaptive before an exact run; any left partial here are scored again in full.
     remaining = [int(i) for i in np.lexsort((np.arange(n), widths)) if not done_anywhere[i]]
-    blocks: list[np.ndarray] = []
-    for width in engine.buckets:
-        members = [i for i in remaining if widths[i] == width]
-        for start in range(0, len(members), engine.slots):
-            block = np.full(engine.slots, -1, np.int64)
-            part = members[start : start + engine.slots]
-            block[: len(part)] = part
-            blocks.append(block)
+    blocks = plan_blocks(remaining, widths, engine.buckets, engine.slots)
     blocks_per_chunk = max(1, chunk_candidates // engine.slots)
     next_seq = 1 + max((int(name.split("-")[1]) for name in chunk_names if name.startswith("one-")), default=-1)
     stats = PassStats()
@@ -415,15 +409,16 @@ def run_one_shot(
     )
     t0 = time.perf_counter()
 
-    def local_prefixes(block):
+    def dispatch(block):
         mine = block[engine.local]
-        return [prefixes.ids[i] if i >= 0 else None for i in mine]
+        width = int(max(widths[i] for i in block if i >= 0))
+        return engine.dispatch_block([prefixes.ids[i] if i >= 0 else None for i in mine], width=width)
 
-    pending = engine.dispatch_block(local_prefixes(blocks[0])) if blocks else None
+    pending = dispatch(blocks[0]) if blocks else None
     chunk_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for b, block in enumerate(blocks):
         current = pending
-        pending = engine.dispatch_block(local_prefixes(blocks[b + 1])) if b + 1 < len(blocks) else None
+        pending = dispatch(blocks[b + 1]) if b + 1 < len(blocks) else None
         block_logp, block_correct = engine.collect_block(current)
         mine = block[engine.local]
         real = mine >= 0
@@ -452,6 +447,25 @@ def run_one_shot(
     stats.wall_s = time.perf_counter() - t0
     logp, correct = _merge_processes(logp, correct)
     return OneShotResult(logp, correct, stats, resumed)
+
+
+def plan_blocks(candidates: Sequence[int], widths: np.ndarray, buckets: Sequence[int], slots: int) -> list[np.ndarray]:
+    """Blocks of `slots` candidate indices (-1 = empty slot), each block within one prefix bucket.
+
+    `candidates` come sorted by (bucket, position). A bucket's leftover (fewer than `slots`) moves up
+    into the next wider bucket rather than running with empty slots (its prefixes are masked there,
+    so the scores do not change); only the very last block can have empty slots.
+    """
+    blocks: list[np.ndarray] = []
+    carry: list[int] = []
+    for width in buckets:
+        members = carry + [i for i in candidates if widths[i] == width]
+        full = len(members) - len(members) % slots
+        blocks += [np.asarray(members[k : k + slots], np.int64) for k in range(0, full, slots)]
+        carry = members[full:]
+    if carry:
+        blocks.append(np.asarray(carry + [-1] * (slots - len(carry)), np.int64))
+    return blocks
 
 
 def _any_process(flags: np.ndarray) -> np.ndarray:

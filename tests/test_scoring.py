@@ -116,3 +116,15 @@ def test_subset_layouts_score_only_their_columns(tiny, tmp_path):
         real = slice(0, min(engine.slots, 3))
         np.testing.assert_allclose(logp[real][:, cols], full_logp[real][:, cols], atol=1e-5, rtol=1e-6)
         assert np.array_equal(correct[real][:, cols], full_correct[real][:, cols])
+
+
+def test_plan_blocks_moves_leftovers_up():
+    widths = np.asarray([16, 16, 16, 32, 32, 64, 16, 64])
+    candidates = [int(i) for i in np.lexsort((np.arange(8), widths))]
+    blocks = scoring.plan_blocks(candidates, widths, [16, 32, 64], slots=3)
+    flat = np.concatenate(blocks)
+    assert sorted(flat[flat >= 0].tolist()) == list(range(8))
+    assert all((b >= 0).all() for b in blocks[:-1]) and len(blocks) == 3
+    # Blocks go up in width: a leftover only ever moves to a wider bucket.
+    block_widths = [int(widths[b[b >= 0]].max()) for b in blocks]
+    assert block_widths == sorted(block_widths) == [16, 32, 64]

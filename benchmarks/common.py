@@ -1,0 +1,596 @@
+"""What the benchmarks share: inputs, the machine's matmul peak, memory, tables, JSON, projections.
+
+Nothing here imports jax at module level: a benchmark sets XLA_FLAGS (`set_xla_flags`) before the
+first jax import, and `bench_scaling` workers set JAX_NUM_CPU_DEVICES the same way.
+
+The projection of the paper's full job (`python -m benchmarks.common --projection`):
+    FLOPs = pool x tasks x (task tokens through the body + response tokens through the LM head
+            + attention over prefix and task keys) + pool x (prefix tokens through the body),
+    time  = FLOPs / (peak FLOP/s x assumed model FLOP utilisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "nuggets"
+DEFAULT_POOL = DATA / "alpaca_gpt4_bad.json"
+DEFAULT_TASKS = DATA / "alpaca_gpt4_kmeans_100.json"
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+# LLaMA-7B (the paper's model), as its HF config.json states it.
+LLAMA_7B_HF_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+}
+# Dense bfloat16 peaks from the vendors' data sheets (FLOP/s, no sparsity).
+H100_SXM_BF16 = 989e12
+TPU_V5E_CHIP_BF16 = 197e12
+A800_BF16 = 312e12
+PAPER_POOL = 52002  # Alpaca-GPT4
+PAPER_TASKS = 100
+ORIGINAL_A800_DAYS = 10.0  # the original repository's issue #11
+
+
+def set_xla_flags(flags: str | None) -> None:
+    """Appends `flags` to XLA_FLAGS; must run before jax is first imported (XLA reads it once)."""
+    if not flags:
+        return
+    if "jax" in sys.modules:
+        raise RuntimeError("--xla_flags must be applied before jax is imported; import jax later in the script")
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags]))
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BenchInputs:
+    """A seeded sample of candidates and a task set, as records, dicts and token ids.
+
+    Attributes:
+      candidate_indices: positions of the sampled candidates in the pool file.
+      candidates: the sampled `nuggets_jax.data.Record`s.
+      tasks: the task `Record`s.
+      candidate_dicts / task_dicts: the same as plain dicts (what the PyTorch baseline takes).
+      tokenized_tasks: `TokenizedTasks` under the preset's policy.
+      prefixes: `TokenizedPrefixes` of the sampled candidates.
+      preset: the preset name.
+    """
+
+    candidate_indices: list[int]
+    candidates: list[Any]
+    tasks: list[Any]
+    candidate_dicts: list[dict[str, str]]
+    task_dicts: list[dict[str, str]]
+    tokenized_tasks: Any
+    prefixes: Any
+    preset: str
+
+    def summary(self) -> dict[str, Any]:
+        """Token counts of the sample, for the report."""
+        tasks, prefixes = self.tokenized_tasks, self.prefixes
+        task_lengths = np.asarray([len(t) for t in tasks.ids])
+        prefix_lengths = np.asarray([len(p) for p in prefixes.ids])
+        return {
+            "preset": self.preset,
+            "candidates": len(self.candidates),
+            "candidate_indices": self.candidate_indices,
+            "tasks": len(self.tasks),
+            "task_tokens_total": int(task_lengths.sum()),
+            "task_tokens_mean": float(task_lengths.mean()),
+            "task_tokens_max": int(task_lengths.max()),
+            "response_tokens_total": int(np.sum(tasks.n_tokens)),
+            "tasks_cut": int(np.sum(tasks.cut)),
+            "prefix_tokens_mean": float(prefix_lengths.mean()),
+            "prefix_tokens_max": int(prefix_lengths.max()),
+            "zero_shot_prefix_tokens": len(prefixes.zero_shot),
+        }
+
+
+def sample_indices(pool_size: int, count: int, seed: int) -> list[int]:
+    """`count` distinct pool positions drawn with `seed`, in pool order.
+
+    The first `count` of one seeded permutation, so a smaller sample is a subset of a larger one
+    with the same seed (the scaling sizes grow the same pool).
+    """
+    if not 1 <= count <= pool_size:
+        raise ValueError(f"--num_candidates must be between 1 and the pool size {pool_size}, got {count}")
+    return sorted(int(i) for i in np.random.default_rng(seed).permutation(pool_size)[:count])
+
+
+def load_inputs(
+    tokenizer: Any,
+    pool_path: str | os.PathLike = DEFAULT_POOL,
+    tasks_path: str | os.PathLike = DEFAULT_TASKS,
+    num_candidates: int = 8,
+    seed: int = 0,
+    num_tasks: int | None = None,
+    preset: str = "original",
+) -> BenchInputs:
+    """Reads pool and tasks, samples the candidates, tokenizes both under `preset`.
+
+    Args:
+      tokenizer: the model's tokenizer.
+      pool_path: candidate records (.json list or .jsonl).
+      tasks_path: task records.
+      num_candidates: how many candidates to sample (seeded, without replacement).
+      seed: the sampling seed.
+      num_tasks: keep only the first N tasks (smoke runs); None = all.
+      preset: a key of `nuggets_jax.job.PRESETS`.
+
+    Returns:
+      The sample, tokenized.
+    """
+    from nuggets_jax import data as data_lib
+    from nuggets_jax import job
+
+    if preset not in job.PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(job.PRESETS)}")
+    pool = data_lib.read_records(pool_path, "pool")
+    tasks = data_lib.read_records(tasks_path, "tasks")
+    if num_tasks is not None:
+        if num_tasks < 1:
+            raise ValueError(f"--num_tasks must be at least 1, got {num_tasks}")
+        tasks = tasks[:num_tasks]
+    indices = sample_indices(len(pool), num_candidates, seed)
+    candidates = [pool[i] for i in indices]
+    policy = data_lib.TokenPolicy(**job.PRESETS[preset])
+    template = data_lib.Template()
+    tokenized_tasks = data_lib.tokenize_tasks(tokenizer, tasks, template, policy, str(tasks_path))
+    prefixes = data_lib.tokenize_prefixes(tokenizer, candidates, template, policy)
+
+    def as_dict(record: Any) -> dict[str, str]:
+        return {"instruction": record.instruction, "input": record.input, "output": record.output}
+
+    return BenchInputs(
+        candidate_indices=indices,
+        candidates=candidates,
+        tasks=tasks,
+        candidate_dicts=[as_dict(r) for r in candidates],
+        task_dicts=[as_dict(r) for r in tasks],
+        tokenized_tasks=tokenized_tasks,
+        prefixes=prefixes,
+        preset=preset,
+    )
+
+
+def subset_prefixes(prefixes: Any, members: Sequence[int]) -> Any:
+    """The `TokenizedPrefixes` of some candidates (same zero-shot prefix)."""
+    return dataclasses.replace(
+        prefixes, ids=[prefixes.ids[i] for i in members], cut=np.asarray(prefixes.cut)[list(members)]
+    )
+
+
+# -- the machine ----------------------------------------------------------------------------------
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """FLOP/s of a jitted float32 [size, size] x [size, size] matmul, best of `repeats`.
+
+    The best repeat is the machine's limit for this kind of work right now: other load only
+    slows a repeat down.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(keys[0], (size, size), jnp.float32)
+    b = jax.random.normal(keys[1], (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {
+        "size": size,
+        "repeats": repeats,
+        "best_s": best,
+        "median_s": float(np.median(times)),
+        "flops_per_s": 2.0 * size**3 / best,
+    }
+
+
+def torch_matmul_peak(size: int = 2048, repeats: int = 10, threads: int = 2) -> dict[str, float]:
+    """The same matmul in PyTorch with `threads` threads (what the baseline's GEMMs can reach)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {"size": size, "repeats": repeats, "threads": threads, "best_s": best, "flops_per_s": 2.0 * size**3 / best}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds this process (all its threads) has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now."""
+    try:
+        pages = int(pathlib.Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma")
+                return [f for f in line.split(":", 1)[1].split() if f in wanted]
+    except OSError:
+        pass
+    return []
+
+
+def _version(module: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, load, library versions, date and the exact command line of this run."""
+    info: dict[str, Any] = {
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        "python": platform.python_version(),
+        "versions": {m: _version(m) for m in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers")},
+        "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_PLATFORMS", "OMP_NUM_THREADS")},
+        # The command as typed (interpreter, -m module and every flag), so a figure can be reproduced.
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        "cwd": os.getcwd(),
+    }
+    if "jax" in sys.modules:
+        import jax
+
+        info["jax_devices"] = [str(d) for d in jax.devices()]
+        info["jax_backend"] = jax.default_backend()
+    return info
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active (`with CompileCounter() as c: ...; c.count`).
+
+    jax has no public way to unregister a listener, so a closed counter just stops counting.
+    """
+
+    def __init__(self) -> None:
+        import jax
+
+        self.count = 0
+        self.seconds = 0.0
+        self._active = False
+
+        def listener(event: str, duration: float, **kwargs: Any) -> None:
+            if self._active and event == COMPILE_EVENT:
+                self.count += 1
+                self.seconds += duration
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+
+    def __enter__(self) -> CompileCounter:
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._active = False
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), wall seconds)."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table, numbers right-aligned; floats shown with 3 significant digits or more."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float | np.floating):
+            if not np.isfinite(value):
+                return str(value)
+            if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-2):
+                return f"{value:.3g}"
+            return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+        return str(value)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], int | float | np.number) for row in rows) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    """Prints `format_table` with an optional title line."""
+    if title:
+        print(f"\n{title}")
+    print(format_table(headers, rows), flush=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating | float):
+        value = float(value)
+        return value if np.isfinite(value) else str(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes `obj` as indented JSON (numpy values converted, non-finite floats as strings)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(obj), indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+
+
+# -- projections ----------------------------------------------------------------------------------
+
+
+def llama_7b_config() -> Any:
+    """`ModelConfig` of LLaMA-7B (6.7e9 parameters)."""
+    from nuggets_jax.models.config import ModelConfig
+
+    return ModelConfig.from_hf(LLAMA_7B_HF_CONFIG, source="LLaMA-7B config.json")
+
+
+def useful_pair_flops(config: Any, prefix_tokens: float, task_tokens: float, response_tokens: float) -> float:
+    """FLOPs one (candidate, task) pair needs, its candidate's prefix excluded (counted once per candidate).
+
+    Task tokens go through the body, only response-predicting positions through the LM head, and
+    each task token attends to the prefix and to the earlier tokens of its task.
+    """
+    body = config.flops_per_token(lm_head=False)
+    head = config.flops_per_token() - body
+    return (
+        task_tokens * body
+        + response_tokens * head
+        + config.attention_flops(task_tokens, prefix_tokens + (task_tokens + 1) / 2)
+    )
+
+
+def prefix_flops(config: Any, prefix_tokens: float) -> float:
+    """FLOPs of encoding one candidate's prefix (body only, causal attention)."""
+    return prefix_tokens * config.flops_per_token(lm_head=False) + config.attention_flops(
+        prefix_tokens, (prefix_tokens + 1) / 2
+    )
+
+
+def original_pair_flops(config: Any, prefix_tokens: float, padded_task_tokens: int = 200) -> float:
+    """FLOPs the original algorithm executes per pair: every padded position through body and
+    full LM head, attending to the whole prefix and padded task (what it computes, not what it needs)."""
+    return padded_task_tokens * config.flops_per_token() + config.attention_flops(
+        padded_task_tokens, prefix_tokens + padded_task_tokens
+    )
+
+
+def full_job_flops(
+    config: Any,
+    prefix_tokens: float,
+    task_tokens: float,
+    response_tokens: float,
+    pool: int = PAPER_POOL,
+    tasks: int = PAPER_TASKS,
+) -> dict[str, float]:
+    """Useful and original-algorithm FLOPs of scoring `pool` candidates against `tasks` tasks.
+
+    Args:
+      config: the model (`ModelConfig`).
+      prefix_tokens: mean candidate prefix tokens.
+      task_tokens: mean task tokens after the cut.
+      response_tokens: mean scored response tokens per task.
+      pool: candidates.
+      tasks: tasks.
+
+    Returns:
+      dict with `useful` (what nuggets_jax computes when it wastes nothing), `original` (what the
+      original loop executes) and `per_pair_useful`.
+    """
+    per_pair = useful_pair_flops(config, prefix_tokens, task_tokens, response_tokens)
+    zero_shot = tasks * useful_pair_flops(config, 0.0, task_tokens, response_tokens)
+    useful = pool * (tasks * per_pair + prefix_flops(config, prefix_tokens)) + zero_shot
+    original = pool * tasks * original_pair_flops(config, prefix_tokens) + pool * prefix_flops(config, prefix_tokens)
+    return {"useful": useful, "original": original, "per_pair_useful": per_pair}
+
+
+def project_time(flops: float, peak_flops_per_s: float, mfu: float) -> float:
+    """Seconds to do `flops` at `mfu` (model FLOP utilisation, a fraction) of `peak_flops_per_s`."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"the assumed MFU must be in (0, 1], got {mfu}")
+    return flops / (peak_flops_per_s * mfu)
+
+
+def projection(
+    prefix_tokens: float, task_tokens: float, response_tokens: float, mfus: Sequence[float] = (0.3, 0.5)
+) -> dict[str, Any]:
+    """The paper's full job (52,002 x 100, LLaMA-7B) on one H100 and on a TPU v5e-256 pod.
+
+    Also states the model FLOP utilisation the original run implies (10 days on one A800).
+    """
+    config = llama_7b_config()
+    flops = full_job_flops(config, prefix_tokens, task_tokens, response_tokens)
+    machines = {
+        "1x H100 SXM (bf16 dense 989 TFLOP/s)": H100_SXM_BF16,
+        "TPU v5e-256 (256 x 197 TFLOP/s)": 256 * TPU_V5E_CHIP_BF16,
+    }
+    rows = []
+    for name, peak in machines.items():
+        for mfu in mfus:
+            seconds = project_time(flops["useful"], peak, mfu)
+            rows.append({"machine": name, "peak_flops_per_s": peak, "assumed_mfu": mfu, "hours": seconds / 3600})
+    original_s = ORIGINAL_A800_DAYS * 86400
+    return {
+        "model": "LLaMA-7B",
+        "parameters": 6.7e9,
+        "pool": PAPER_POOL,
+        "tasks": PAPER_TASKS,
+        "mean_prefix_tokens": prefix_tokens,
+        "mean_task_tokens": task_tokens,
+        "mean_response_tokens": response_tokens,
+        "body_flops_per_token": config.flops_per_token(lm_head=False),
+        "lm_head_flops_per_token": config.flops_per_token() - config.flops_per_token(lm_head=False),
+        "flops_useful": flops["useful"],
+        "flops_original_algorithm": flops["original"],
+        "flops_per_pair_useful": flops["per_pair_useful"],
+        "rows": rows,
+        "original_run": {
+            "a800_days": ORIGINAL_A800_DAYS,
+            "a800_bf16_peak": A800_BF16,
+            "implied_useful_mfu": flops["useful"] / (original_s * A800_BF16),
+            "implied_executed_mfu": flops["original"] / (original_s * A800_BF16),
+        },
+    }
+
+
+def token_means(tokenizer: Any, pool_path: str | os.PathLike, tasks_path: str | os.PathLike) -> dict[str, float]:
+    """Mean prefix tokens over the whole pool, mean task and response tokens over the tasks (`original`)."""
+    from nuggets_jax import data as data_lib
+    from nuggets_jax import job
+
+    policy = data_lib.TokenPolicy(**job.PRESETS["original"])
+    template = data_lib.Template()
+    pool = data_lib.read_records(pool_path, "pool")
+    tasks = data_lib.tokenize_tasks(
+        tokenizer, data_lib.read_records(tasks_path, "tasks"), template, policy, str(tasks_path)
+    )
+    prefixes = data_lib.tokenize_prefixes(tokenizer, pool, template, policy)
+    return {
+        "prefix_tokens": float(np.mean([len(p) for p in prefixes.ids])),
+        "task_tokens": float(np.mean([len(t) for t in tasks.ids])),
+        "response_tokens": float(np.mean(tasks.n_tokens)),
+    }
+
+
+def print_projection(result: dict[str, Any]) -> None:
+    """Prints `projection`'s result as two tables."""
+    print(
+        f"paper's full job: {result['pool']:,} candidates x {result['tasks']} tasks, {result['model']}; "
+        f"mean tokens: prefix {result['mean_prefix_tokens']:.1f}, task {result['mean_task_tokens']:.1f}, "
+        f"response {result['mean_response_tokens']:.1f}"
+    )
+    print(
+        f"FLOPs/token: body {result['body_flops_per_token']:.3g}, LM head {result['lm_head_flops_per_token']:.3g}; "
+        f"useful FLOPs {result['flops_useful']:.3g} (per pair {result['flops_per_pair_useful']:.3g}); "
+        f"the original loop executes {result['flops_original_algorithm']:.3g}"
+    )
+    rows = [[r["machine"], r["assumed_mfu"], r["hours"], r["hours"] * 60] for r in result["rows"]]
+    print_table(
+        ["machine", "assumed MFU", "hours", "minutes"], rows, title="projected time (useful FLOPs / (peak x MFU))"
+    )
+    original = result["original_run"]
+    print(
+        f"the original run (10 days on one A800, 312 TFLOP/s bf16) implies {original['implied_useful_mfu']:.1%} "
+        f"useful MFU ({original['implied_executed_mfu']:.1%} counting the FLOPs it executes)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """`python -m benchmarks.common --projection [--model default] [--out projection.json]`."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--projection", action="store_true", help="project the paper's full job")
+    parser.add_argument("--model", default="default", help="whose tokenizer counts the tokens (default SmolLM2)")
+    parser.add_argument("--pool", default=str(DEFAULT_POOL))
+    parser.add_argument("--tasks", default=str(DEFAULT_TASKS))
+    parser.add_argument("--mfu", type=float, nargs="+", default=[0.3, 0.5], help="assumed MFU values")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not args.projection:
+        parser.error("nothing to do; pass --projection")
+    import transformers
+
+    from nuggets_jax.models import resolve_model_dir
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(resolve_model_dir(args.model)))
+    means = token_means(tokenizer, args.pool, args.tasks)
+    result = projection(**means, mfus=args.mfu)
+    result["tokenizer"] = args.model
+    result["machine"] = machine_info()
+    print_projection(result)
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
