@@ -24,6 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.m = arg.m  # examples sampled (seeded) from the source before clustering; 0 = all
     config.seed = arg.seed  # seeds the sample, K-means and the random picks
     config.n_init = 10  # K-means restarts (the lowest-inertia one is kept)
+    # Keep only examples whose prompt leaves a response token within this many task tokens (set it
+    # to the scoring run's data.max_task_tokens); 0 = no filter.
+    config.max_task_tokens = 0
     config.name = ""  # output file name without .json; "" = <construction>_k<K>_m<M>_s<seed>
 
     # The scoring model embeds the examples (mean of the final hidden layer over real tokens).

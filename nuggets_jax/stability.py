@@ -71,7 +71,9 @@ def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
     return len(a & b) / len(union) if union else 1.0
 
 
-def top_overlap(values: Sequence[float] | np.ndarray, reference: Sequence[float] | np.ndarray, fraction: float) -> float:
+def top_overlap(
+    values: Sequence[float] | np.ndarray, reference: Sequence[float] | np.ndarray, fraction: float
+) -> float:
     """Jaccard overlap of the top `fraction` under `values` and under `reference`."""
     values, reference = np.asarray(values), np.asarray(reference)
     if values.shape != reference.shape:
@@ -100,7 +102,9 @@ def compare(
     return out
 
 
-def task_cost(task_lengths: Sequence[int] | np.ndarray, columns: Sequence[int] | np.ndarray, num_candidates: int) -> int:
+def task_cost(
+    task_lengths: Sequence[int] | np.ndarray, columns: Sequence[int] | np.ndarray, num_candidates: int
+) -> int:
     """Task tokens a scoring run of these task columns processes: sum of their lengths x candidates."""
     lengths = np.asarray(task_lengths, np.int64)
     return int(lengths[np.asarray(columns, np.int64)].sum()) * int(num_candidates)

@@ -55,6 +55,7 @@ REQUEST_KEYS = (
     "embedding_text",
     "embedding_max_tokens",
     "template",
+    "filters",
 )
 
 
@@ -127,6 +128,7 @@ class Source:
       sha256: digest of the file bytes (of the JSON of a generated source).
       eligible: [E] sorted indices into `records` that may be drawn (not excluded).
       exclude: {"path", "sha256", "removed"} of the exclusion, or None.
+      filters: descriptions of further restrictions of `eligible` (see `restrict`).
     """
 
     records: list[data_lib.Record]
@@ -134,6 +136,41 @@ class Source:
     sha256: str
     eligible: np.ndarray
     exclude: dict[str, Any] | None = None
+    filters: tuple[str, ...] = ()
+
+
+def restrict(source: Source, keep: np.ndarray, description: str) -> Source:
+    """The source with only the eligible records where `keep` [E] is true; `description` goes
+    into the provenance of every task set drawn from it."""
+    keep = np.asarray(keep, bool)
+    if keep.shape != source.eligible.shape:
+        raise ValueError(f"keep has shape {keep.shape}, expected one entry per eligible record {source.eligible.shape}")
+    if not keep.any():
+        raise TaskSetError(f"{source.path}: no record is left after: {description}.")
+    removed = int((~keep).sum())
+    return dataclasses.replace(
+        source, eligible=source.eligible[keep], filters=(*source.filters, f"{description} (removed {removed})")
+    )
+
+
+def load_tokenizer(model_path: str):
+    """The tokenizer of a model (see `models.resolve_model_dir`), without loading its weights."""
+    import transformers
+
+    from nuggets_jax import models
+
+    return transformers.AutoTokenizer.from_pretrained(str(models.resolve_model_dir(model_path)))
+
+
+def prompt_fits(
+    tokenizer, records: Sequence[data_lib.Record], template: data_lib.Template, max_task_tokens: int
+) -> np.ndarray:
+    """[N] bool: the record's prompt leaves at least one response token within `max_task_tokens`.
+
+    A task whose prompt alone fills the cut has nothing to score, so the scoring job would refuse it.
+    """
+    prompts = tokenizer([template.prompt(r) for r in records], add_special_tokens=False)["input_ids"]
+    return np.asarray([len(p) < max_task_tokens for p in prompts], bool)
 
 
 def load_source(
@@ -520,6 +557,7 @@ class TaskSetBuilder:
             "pool": self.source.path,
             "pool_sha256": self.source.sha256,
             "exclude": self.source.exclude,
+            "filters": list(self.source.filters),
             "model": self.model_path if kmeans else None,
             "model_fingerprint": self.model_fingerprint if kmeans else None,
             "dtype": self.dtype if kmeans else None,
