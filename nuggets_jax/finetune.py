@@ -56,7 +56,7 @@ class FinetuneError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run (all of it is in the resume fingerprint).
+    """Everything that determines a training run; all but the checkpoint fields are in the resume fingerprint.
 
     Attributes:
       steps: optimizer steps.
@@ -160,14 +160,23 @@ def tokenize_examples(
     eos_id = tokenizer.eos_token_id if eos else None
     if eos and eos_id is None:
         raise FinetuneError(f"{source}: the tokenizer has no eos token; set train.eos=False.")
-    budget = max_tokens - len(lead) - (1 if eos else 0)
-    if budget < 2:
-        raise FinetuneError(f"train.max_tokens={max_tokens} leaves no room for prompt and response.")
-    tasks = data_lib.tokenize_tasks(tokenizer, records, template, data_lib.TokenPolicy(max_task_tokens=budget), source)
-    ids = []
-    for seq, cut in zip(tasks.ids, tasks.cut, strict=True):
-        tail = [eos_id] if eos and not cut else []
-        ids.append(np.asarray([*lead, *seq.tolist(), *tail], np.int32))
+    room = max_tokens - len(lead)
+    uncut = data_lib.TokenPolicy(max_task_tokens=1 << 30)
+    tasks = data_lib.tokenize_tasks(tokenizer, records, template, uncut, source)
+    ids, empty = [], []
+    for record, seq, start in zip(records, tasks.ids, tasks.response_start, strict=True):
+        if len(seq) + (1 if eos else 0) <= room:
+            ids.append(np.asarray([*lead, *seq.tolist(), *([eos_id] if eos else [])], np.int32))
+        elif start < room:
+            ids.append(np.asarray([*lead, *seq[:room].tolist()], np.int32))  # cut: the response did not end, no eos
+        else:
+            empty.append(record.id)
+    if empty:
+        shown = ", ".join(repr(i) for i in empty[:10]) + (" ..." if len(empty) > 10 else "")
+        raise data_lib.DataError(
+            f"{source}: {len(empty)} record(s) keep no response token within train.max_tokens={max_tokens}: "
+            f"ids {shown}. Raise train.max_tokens or drop them."
+        )
     starts = (tasks.response_start + len(lead)).astype(np.int32)
     return Examples(ids, starts, [r.id for r in records])
 
@@ -363,7 +372,7 @@ def _train_step(graphdef, optimizer, lm_chunk, dtype, state, batch, normalizer):
     grads, loss = step_gradients(graphdef, lm_chunk, dtype, params, batch, normalizer)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": opt_state[1].hyperparams["learning_rate"]}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": opt_state[1].hyperparams["learning_rate"]}
     return (params, opt_state), metrics
 
 
@@ -451,8 +460,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     hf_config: dict,
     tokenizer_dir: pathlib.Path | None,
+    with_optimizer: bool = True,
 ) -> pathlib.Path:
-    """Writes `ckpt_<step>/` atomically: a temporary directory, fsynced, then renamed."""
+    """Writes `ckpt_<step>/` atomically: a temporary directory, fsynced, then renamed.
+
+    The optimizer state (2x the parameters) is left out of a run's last checkpoint, which is never resumed.
+    """
     final = run_dir / f"{_CHECKPOINT_PREFIX}{step:06d}"
     tmp = run_dir / f".{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -462,9 +475,11 @@ def save_checkpoint(
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, tmp / name)
-    names, leaves = _flatten_tree(opt_state)
-    store_lib.write_npz(tmp / "optimizer.npz", {f"leaf_{i:05d}": x for i, x in enumerate(leaves)})
-    state = {**trainer_state, "step": step, "optimizer_leaves": names}
+    state = {**trainer_state, "step": step}
+    if with_optimizer:
+        names, leaves = _flatten_tree(opt_state)
+        store_lib.write_npz(tmp / "optimizer.npz", {f"leaf_{i:05d}": x for i, x in enumerate(leaves)})
+        state["optimizer_leaves"] = names
     store_lib.atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state, indent=1).encode())
     for f in tmp.iterdir():
         with open(f, "rb") as handle:
@@ -478,13 +493,15 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: pathlib.Path, config: ModelConfig, opt_template) -> tuple[Any, Any, dict]:
-    """Parameters (float32), optimizer state and trainer state of `ckpt_<step>/`.
+    """Parameters (float32), optimizer state (None if the checkpoint has none) and trainer state of `ckpt_<step>/`.
 
     Raises:
       FinetuneError: the optimizer state does not match this run's optimizer.
     """
     state = json.loads((path / "trainer_state.json").read_text())
     params = nnx.split(load_params(path, config, dtype=jnp.float32))[1]
+    if "optimizer_leaves" not in state:
+        return params, None, state
     names, template = _flatten_tree(opt_template)
     if names != state["optimizer_leaves"]:
         raise FinetuneError(f"{path}: optimizer state of a different optimizer; use another run directory.")
@@ -527,7 +544,9 @@ class TrainResult:
         return out
 
 
-def _restore(run_dir: pathlib.Path, fingerprint: dict, model_config: ModelConfig, opt_template, fresh: bool):
+def _restore(
+    run_dir: pathlib.Path, fingerprint: dict, model_config: ModelConfig, opt_template, fresh: bool, steps: int
+):
     """(step, checkpoint, params, opt_state) of the newest checkpoint of this run, or None to start fresh.
 
     Raises:
@@ -540,7 +559,11 @@ def _restore(run_dir: pathlib.Path, fingerprint: dict, model_config: ModelConfig
     saved = json.loads((path / "trainer_state.json").read_text()).get("fingerprint", {})
     if saved == fingerprint:
         params, opt_state, _ = load_checkpoint(path, model_config, opt_template)
-        return step, path, params, opt_state
+        if opt_state is None and step < steps:
+            raise FinetuneError(
+                f"{path}: has no optimizer state to resume from; delete it to resume from an older one."
+            )
+        return step, path, params, opt_template if opt_state is None else opt_state
     changed = sorted(k for k in fingerprint if saved.get(k) != fingerprint[k])
     if not fresh:
         raise FinetuneError(
@@ -621,11 +644,12 @@ def train(
         "extra": fingerprint_extra or {},
     }
 
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), nnx.split(model)[1])
+    # A copy: the compiled step donates its input buffers, and the caller keeps its model.
+    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), nnx.split(model)[1])
     graphdef_f32 = nnx.split(nnx.eval_shape(lambda: Llama(model.config, dtype=jnp.float32)))[0]
     opt_state = make_optimizer(config).init(params)
     start, final_path = 0, None
-    restored = _restore(run_dir, fingerprint, model.config, opt_state, fresh)
+    restored = _restore(run_dir, fingerprint, model.config, opt_state, fresh, config.steps)
     if restored is not None:
         start, final_path, params, opt_state = restored
         log(f"finetune: resuming {run_dir} from step {start}")
@@ -669,15 +693,16 @@ def train(
         bar = tqdm(total=config.steps, initial=start, desc=run_dir.name, unit="step", dynamic_ncols=True)
     state = (params, opt_state)
     real_tokens = 0
-    t_loop = time.perf_counter()
-    pending: tuple[int, Batch, dict, float] | None = None
+    t_loop = t_done = time.perf_counter()
+    pending: tuple[int, Batch, dict] | None = None
     last_saved = start
 
-    def finish(step: int, batch: Batch, metrics: dict, t_dispatch: float) -> None:
-        nonlocal real_tokens
+    def finish(step: int, batch: Batch, metrics: dict) -> None:
+        nonlocal real_tokens, t_done
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         real_tokens += batch.real_tokens
-        elapsed = time.perf_counter() - t_loop
+        now = time.perf_counter()
+        elapsed = now - t_loop
         entry = {
             "step": step,
             **values,
@@ -685,8 +710,9 @@ def train(
             "response_tokens": batch.response_tokens,
             "examples": batch.num_examples,
             "token_slots": int(batch.tokens.size),
-            "wall_s": time.perf_counter() - t_dispatch,
+            "wall_s": now - t_done,  # since the previous step finished (steps overlap with host work)
         }
+        t_done = now
         history.append(entry)
         if not math.isfinite(values["loss"]):
             raise FinetuneError(f"{run_dir}: loss became {values['loss']} at step {step}; lower train.learning_rate.")
@@ -705,12 +731,11 @@ def train(
         for step in range(start + 1, config.steps + 1):
             batch = make_batch(examples, order.next_step(), config.batch_rows, row_length)
             normalizer = jax.device_put(np.float32(max(1, batch.response_tokens)), replicated)
-            t_dispatch = time.perf_counter()
             state, metrics = compiled(state, put(batch), normalizer)
             # The previous step's metrics are fetched while this one runs.
             if pending is not None:
                 finish(*pending)
-            pending = (step, batch, metrics, t_dispatch)
+            pending = (step, batch, metrics)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 finish(*pending)
                 pending = None
@@ -724,6 +749,7 @@ def train(
                         {"fingerprint": fingerprint, "stream_position": order.position, "row_length": row_length},
                         hf_config,
                         pathlib.Path(tokenizer_dir) if tokenizer_dir else None,
+                        with_optimizer=step < config.steps,
                     )
                     for _, old in checkpoint_dirs(run_dir)[: -config.keep_checkpoints]:
                         shutil.rmtree(old, ignore_errors=True)
