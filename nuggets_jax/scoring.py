@@ -115,7 +115,11 @@ class PassStats:
 
 
 class Engine:
-    """Compiled scoring programs for one model, one task set and the prefix lengths of a pool."""
+    """Compiled scoring programs for one model, one task set and the prefix lengths of a pool.
+
+    The programs take the parameters as an argument: `state` may be replaced by another state of
+    the same structure, dtype and sharding (fine-tuned weights) without recompiling.
+    """
 
     def __init__(
         self,
