@@ -21,16 +21,16 @@ from typing import Any
 import ml_collections
 import numpy as np
 from flax import nnx
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from nuggets_jax import data as data_lib
-from nuggets_jax import evaluate, finetune, job, synthetic
+from nuggets_jax import evaluate, finetune, finetune_data, job, synthetic
+from nuggets_jax import plots as plots_lib
 from nuggets_jax import select as select_lib
 from nuggets_jax import store as store_lib
 from nuggets_jax.metrics import METRICS
 
 VARIANTS = ("golden", "random", "full")
+_KIND_COLORS = {"golden": "tab:orange", "random": "tab:gray", "full": "tab:blue"}
 
 
 class CompareError(ValueError):
@@ -186,7 +186,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     rows = []
     for variant in variants:
         subset = [pool[i] for i in variant.indices]
-        examples = finetune.tokenize_examples(
+        examples = finetune_data.tokenize_examples(
             loaded.tokenizer, subset, template, train_config.max_tokens, train_config.eos, train_config.bos
         )
         run_dir = workdir / "runs" / variant.name
@@ -286,20 +286,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def _save(figure: Figure, path: pathlib.Path) -> str:
-    FigureCanvasAgg(figure)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110, metadata={"Software": None})
-    return f"plots/{path.name}"
-
-
 def _plot_eval(results: dict, path: pathlib.Path) -> str:
     rows = results["variants"]
-    figure = Figure(figsize=(1.1 * len(rows) + 3.0, 4.0))
-    axes = figure.add_subplot()
-    colors = {"golden": "tab:orange", "random": "tab:gray", "full": "tab:blue"}
+    figure, axes = plots_lib.new_axes(1.1 * len(rows) + 3.0, 4.0)
     names = [r["variant"] for r in rows]
-    axes.bar(range(len(rows)), [r["nll_per_token"] for r in rows], color=[colors[r["kind"]] for r in rows])
+    axes.bar(range(len(rows)), [r["nll_per_token"] for r in rows], color=[_KIND_COLORS[r["kind"]] for r in rows])
     axes.axhline(results["base"]["nll_per_token"], color="black", linestyle="--", label="base model")
     axes.set_xticks(range(len(rows)), names, rotation=20, ha="right")
     low = min(results["base"]["nll_per_token"], *(r["nll_per_token"] for r in rows))
@@ -307,21 +298,20 @@ def _plot_eval(results: dict, path: pathlib.Path) -> str:
     axes.set_ylim(max(0.0, low - 0.15 * (high - low + 1e-9)), high + 0.1 * (high - low + 1e-9))
     axes.set(title=f"Held-out response NLL per token ({results['eval']['examples']} examples)", ylabel="NLL / token")
     axes.legend()
-    return _save(figure, path)
+    return plots_lib.save_png(figure, path)
 
 
 def _plot_loss(results: dict, path: pathlib.Path) -> str:
-    figure = Figure(figsize=(6.4, 4.0))
-    axes = figure.add_subplot()
-    colors = {"golden": "tab:orange", "random": "tab:gray", "full": "tab:blue"}
+    figure, axes = plots_lib.new_axes(6.4, 4.0)
     styles = iter(["-", "--", ":", "-."] * 8)
     for r in results["variants"]:
         curve = np.asarray(r["loss_curve"])
         style = next(styles) if r["kind"] == "random" else "-"
-        axes.plot(np.arange(1, curve.size + 1), curve, style, color=colors[r["kind"]], label=r["variant"], alpha=0.85)
+        color = _KIND_COLORS[r["kind"]]
+        axes.plot(np.arange(1, curve.size + 1), curve, style, color=color, label=r["variant"], alpha=0.85)
     axes.set(title="Training loss (response tokens)", xlabel="step", ylabel="loss / token")
     axes.legend()
-    return _save(figure, path)
+    return plots_lib.save_png(figure, path)
 
 
 def write_report(workdir: str | pathlib.Path, results: dict) -> pathlib.Path:

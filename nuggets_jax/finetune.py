@@ -1,30 +1,28 @@
 """Supervised fine-tuning of the Llama NNX model on a subset (golden, random or the full pool).
 
-A training example is `[leading special tokens] prompt ids ++ response ids [++ eos]`, tokenized
-by `nuggets_jax.data` so the response span is exact; the loss is the cross-entropy of the
-response (and eos) tokens only, averaged over every such token of an optimizer step. Examples
-are packed into rows of `row_length` tokens (each attends only to itself: segment ids, positions
-from 0), a step is `micro_batches` x `batch_rows` rows, so one static shape and one compiled
-program serve the whole run. Gradients of the micro-batches are summed inside the jitted step
-(`lax.scan`), then clipped by global norm and applied by AdamW with linear warmup and cosine
-decay. Parameters and optimizer state stay in float32; the forward runs in `dtype`.
+The examples (`finetune_data`) are `[leading special tokens] prompt ids ++ response ids [++ eos]`
+with an exact response span; the loss is the cross-entropy of the response (and eos) tokens only,
+averaged over every such token of an optimizer step. Examples are packed into rows of
+`row_length` tokens (each attends only to itself: segment ids, positions from 0), a step is
+`micro_batches` x `batch_rows` rows, so one static shape and one compiled program serve the whole
+run. Gradients of the micro-batches are summed inside the jitted step (`lax.scan`), then clipped
+by global norm and applied by AdamW with linear warmup and cosine decay. Parameters and optimizer
+state stay in float32; the forward runs in `dtype`.
 
 Data parallel: rows are split over the `data` axis of the mesh, parameters are replicated.
 
-A run directory holds `ckpt_<step>/` checkpoints (HF layout: config.json, model.safetensors and
-the tokenizer, so `load_model`/`load_params` read it back; plus optimizer.npz and
-trainer_state.json), each written to a temporary directory and renamed, and `train_log.jsonl`.
-A killed run resumes from its newest checkpoint with the same data order and learning rates.
+A run directory holds `ckpt_<step>/` checkpoints (`checkpoint`: HF layout, so
+`load_model`/`load_params` read it back, plus the optimizer and trainer state), each written to a
+temporary directory and renamed, and `train_log.jsonl`. A killed run resumes from its newest
+checkpoint with the same data order and learning rates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
-import os
 import pathlib
 import shutil
 import time
@@ -38,20 +36,15 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nuggets_jax import data as data_lib
 from nuggets_jax import sharding
 from nuggets_jax import store as store_lib
-from nuggets_jax.models import DTYPES, TOKENIZER_FILES
+from nuggets_jax.checkpoint import checkpoint_dirs, keep_newest, load_checkpoint, remove_unfinished, save_checkpoint
+from nuggets_jax.finetune_data import Batch, DataOrder, Examples, FinetuneError, auto_row_length, make_batch
+from nuggets_jax.models import DTYPES
 from nuggets_jax.models.config import ModelConfig
 from nuggets_jax.models.llama import Llama, PrefixCache
-from nuggets_jax.models.params import load_params, save_params
 
-_CHECKPOINT_PREFIX = "ckpt_"
 _LOG_NAME = "train_log.jsonl"
-
-
-class FinetuneError(ValueError):
-    """A training config, data set or run directory that cannot be used; the message says what to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,171 +107,6 @@ class TrainConfig:
             raise FinetuneError(f"unknown train.dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}.")
         if not self.clip_norm > 0:
             raise FinetuneError(f"train.clip_norm must be > 0, got {self.clip_norm}.")
-
-
-# -- examples and packing ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Examples:
-    """Tokenized training examples: `ids[i][response_start[i]:]` is the trained span."""
-
-    ids: list[np.ndarray]  # E x [n_e] int32
-    response_start: np.ndarray  # [E]
-    record_ids: list[str]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.asarray([len(x) for x in self.ids], np.int64)
-
-    def digest(self) -> str:
-        """sha256 over the token ids and response spans (what training sees)."""
-        h = hashlib.sha256()
-        for ids, start in zip(self.ids, self.response_start, strict=True):
-            h.update(np.int64(start).tobytes())
-            h.update(np.asarray(ids, np.int32).tobytes())
-            h.update(b"|")
-        return h.hexdigest()
-
-
-def tokenize_examples(
-    tokenizer,
-    records: Sequence[data_lib.Record],
-    template: data_lib.Template,
-    max_tokens: int = 512,
-    eos: bool = True,
-    bos: bool = True,
-    source: str = "train",
-) -> Examples:
-    """`[leading specials] prompt ++ response [++ eos]`, cut to `max_tokens` (no eos after a cut).
-
-    Raises:
-      DataError: a record keeps no response token within `max_tokens` (names the ids).
-      FinetuneError: `eos` is asked for but the tokenizer has no eos token.
-    """
-    lead = data_lib.leading_special_tokens(tokenizer) if bos else []
-    eos_id = tokenizer.eos_token_id if eos else None
-    if eos and eos_id is None:
-        raise FinetuneError(f"{source}: the tokenizer has no eos token; set train.eos=False.")
-    room = max_tokens - len(lead)
-    uncut = data_lib.TokenPolicy(max_task_tokens=1 << 30)
-    tasks = data_lib.tokenize_tasks(tokenizer, records, template, uncut, source)
-    ids, empty = [], []
-    for record, seq, start in zip(records, tasks.ids, tasks.response_start, strict=True):
-        if len(seq) + (1 if eos else 0) <= room:
-            ids.append(np.asarray([*lead, *seq.tolist(), *([eos_id] if eos else [])], np.int32))
-        elif start < room:
-            ids.append(np.asarray([*lead, *seq[:room].tolist()], np.int32))  # cut: the response did not end, no eos
-        else:
-            empty.append(record.id)
-    if empty:
-        shown = ", ".join(repr(i) for i in empty[:10]) + (" ..." if len(empty) > 10 else "")
-        raise data_lib.DataError(
-            f"{source}: {len(empty)} record(s) keep no response token within train.max_tokens={max_tokens}: "
-            f"ids {shown}. Raise train.max_tokens or drop them."
-        )
-    starts = (tasks.response_start + len(lead)).astype(np.int32)
-    return Examples(ids, starts, [r.id for r in records])
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """One optimizer step: K micro-batches of R rows x L tokens."""
-
-    tokens: np.ndarray  # [K, R, L] int32
-    positions: np.ndarray  # [K, R, L] int32: position inside its example
-    segment_ids: np.ndarray  # [K, R, L] int32: example slot in the row, -1 = padding
-    targets: np.ndarray  # [K, R, L] int32: the next token of the same example (0 elsewhere)
-    weights: np.ndarray  # [K, R, L] float32: 1 where the position predicts a response (or eos) token
-
-    @property
-    def real_tokens(self) -> int:
-        return int((self.segment_ids >= 0).sum())
-
-    @property
-    def response_tokens(self) -> int:
-        return int(self.weights.sum())
-
-    @property
-    def num_examples(self) -> int:
-        return int(((self.positions == 0) & (self.segment_ids >= 0)).sum())
-
-
-def pack_micro_batch(examples: Examples, rows: Sequence[Sequence[int]], batch_rows: int, row_length: int) -> tuple:
-    """Arrays [R, L] of rows of example indices (each row's examples back to back)."""
-    shape = (batch_rows, row_length)
-    tokens, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-    segments, targets = np.full(shape, -1, np.int32), np.zeros(shape, np.int32)
-    weights = np.zeros(shape, np.float32)
-    for r, row in enumerate(rows):
-        offset = 0
-        for slot, e in enumerate(row):
-            ids, start = examples.ids[e], int(examples.response_start[e])
-            n = len(ids)
-            if offset + n > row_length:
-                raise ValueError(f"row {r} holds {offset + n} tokens, more than row_length={row_length}")
-            span = slice(offset, offset + n)
-            tokens[r, span], positions[r, span], segments[r, span] = ids, np.arange(n), slot
-            targets[r, offset : offset + n - 1] = ids[1:]
-            # Position p predicts token p + 1: the response [start, n) is predicted by [start - 1, n - 1).
-            weights[r, offset + start - 1 : offset + n - 1] = 1.0
-            offset += n
-    return tokens, positions, segments, targets, weights
-
-
-class DataOrder:
-    """The example stream: epoch e is a permutation seeded by (seed, e); it is packed step by step.
-
-    A micro-batch takes examples from the stream in order, each into the first of its R rows with
-    room (first fit), and ends at the first example that fits no row, which opens the next one.
-    Everything is a function of (examples, seed, R, L, K), so a resumed run replays the same order.
-    """
-
-    def __init__(self, lengths: Sequence[int], seed: int, batch_rows: int, row_length: int, micro_batches: int):
-        self.lengths = [int(n) for n in lengths]
-        self.seed, self.rows, self.row_length, self.micro_batches = seed, batch_rows, row_length, micro_batches
-        self.position = 0  # examples taken from the stream so far
-        self._perms: dict[int, np.ndarray] = {}
-        too_long = [i for i, n in enumerate(self.lengths) if n > row_length]
-        if too_long:
-            raise FinetuneError(f"examples {too_long[:5]} are longer than row_length={row_length}.")
-
-    def example_at(self, position: int) -> int:
-        n = len(self.lengths)
-        epoch = position // n
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n)}
-        return int(self._perms[epoch][position % n])
-
-    def next_micro_batch(self) -> list[list[int]]:
-        rows: list[list[int]] = [[] for _ in range(self.rows)]
-        free = [self.row_length] * self.rows
-        while True:
-            e = self.example_at(self.position)
-            n = self.lengths[e]
-            r = next((r for r in range(self.rows) if free[r] >= n), None)
-            if r is None:
-                return rows
-            rows[r].append(e)
-            free[r] -= n
-            self.position += 1
-
-    def next_step(self) -> list[list[list[int]]]:
-        return [self.next_micro_batch() for _ in range(self.micro_batches)]
-
-    def skip(self, steps: int) -> None:
-        for _ in range(steps):
-            self.next_step()
-
-
-def make_batch(examples: Examples, step_rows: Sequence[Sequence[Sequence[int]]], batch_rows: int, row_length: int):
-    """A `Batch` from K micro-batches of rows of example indices."""
-    parts = [pack_micro_batch(examples, rows, batch_rows, row_length) for rows in step_rows]
-    return Batch(*(np.stack(field) for field in zip(*parts, strict=True)))
-
-
-def auto_row_length(examples: Examples, multiple: int = 64) -> int:
-    return max(multiple, math.ceil(int(examples.lengths.max()) / multiple) * multiple)
 
 
 # -- the optimizer and the pure train step ---------------------------------------------------------
@@ -419,103 +247,6 @@ def _compiled_step(model_config: ModelConfig, config: TrainConfig, row_length: i
     return compiled, 1
 
 
-# -- checkpoints ---------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(run_dir: str | pathlib.Path) -> list[tuple[int, pathlib.Path]]:
-    """Complete checkpoints (trainer_state.json present) of a run directory, oldest first."""
-    run_dir = pathlib.Path(run_dir)
-    found = []
-    for path in run_dir.glob(f"{_CHECKPOINT_PREFIX}*"):
-        suffix = path.name[len(_CHECKPOINT_PREFIX) :]
-        if path.is_dir() and suffix.isdigit() and (path / "trainer_state.json").is_file():
-            found.append((int(suffix), path))
-    return sorted(found)
-
-
-def _flatten_tree(tree) -> tuple[list[str], list[np.ndarray]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [jax.tree_util.keystr(p) for p, _ in leaves], [np.asarray(jax.device_get(x)) for _, x in leaves]
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(
-    run_dir: pathlib.Path,
-    step: int,
-    graphdef,
-    params,
-    opt_state,
-    trainer_state: dict[str, Any],
-    hf_config: dict,
-    tokenizer_dir: pathlib.Path | None,
-    with_optimizer: bool = True,
-) -> pathlib.Path:
-    """Writes `ckpt_<step>/` atomically: a temporary directory, fsynced, then renamed.
-
-    The optimizer state (2x the parameters) is left out of a run's last checkpoint, which is never resumed.
-    """
-    final = run_dir / f"{_CHECKPOINT_PREFIX}{step:06d}"
-    tmp = run_dir / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_params(nnx.merge(graphdef, jax.device_get(params)), tmp, hf_config)
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, tmp / name)
-    state = {**trainer_state, "step": step}
-    if with_optimizer:
-        names, leaves = _flatten_tree(opt_state)
-        store_lib.write_npz(tmp / "optimizer.npz", {f"leaf_{i:05d}": x for i, x in enumerate(leaves)})
-        state["optimizer_leaves"] = names
-    store_lib.atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state, indent=1).encode())
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    return final
-
-
-def load_checkpoint(path: pathlib.Path, config: ModelConfig, opt_template) -> tuple[Any, Any, dict]:
-    """Parameters (float32), optimizer state (None if the checkpoint has none) and trainer state of `ckpt_<step>/`.
-
-    Raises:
-      FinetuneError: the optimizer state does not match this run's optimizer.
-    """
-    state = json.loads((path / "trainer_state.json").read_text())
-    params = nnx.split(load_params(path, config, dtype=jnp.float32))[1]
-    if "optimizer_leaves" not in state:
-        return params, None, state
-    names, template = _flatten_tree(opt_template)
-    if names != state["optimizer_leaves"]:
-        raise FinetuneError(f"{path}: optimizer state of a different optimizer; use another run directory.")
-    with np.load(path / "optimizer.npz", allow_pickle=False) as z:
-        leaves = [z[f"leaf_{i:05d}"] for i in range(len(names))]
-    for name, got, want in zip(names, leaves, template, strict=True):
-        if got.shape != want.shape or got.dtype != want.dtype:
-            raise FinetuneError(
-                f"{path}/optimizer.npz: {name} is {got.dtype}{got.shape}, expected {want.dtype}{want.shape}."
-            )
-    treedef = jax.tree_util.tree_structure(opt_template)
-    return params, jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in leaves]), state
-
-
 # -- the training loop ---------------------------------------------------------------------------
 
 
@@ -619,8 +350,7 @@ def train(
     t_start = time.perf_counter()
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(f".{_CHECKPOINT_PREFIX}*.tmp*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_unfinished(run_dir)
     mesh = mesh or sharding.make_mesh()
     n_devices = mesh.devices.size
     if config.batch_rows % n_devices:
@@ -751,8 +481,7 @@ def train(
                         pathlib.Path(tokenizer_dir) if tokenizer_dir else None,
                         with_optimizer=step < config.steps,
                     )
-                    for _, old in checkpoint_dirs(run_dir)[: -config.keep_checkpoints]:
-                        shutil.rmtree(old, ignore_errors=True)
+                    keep_newest(run_dir, config.keep_checkpoints)
                 last_saved = step
         if pending is not None:
             finish(*pending)

@@ -3,8 +3,8 @@
 Reads only the workdir (DESIGN.md, "Workdir of a scoring run"): ranking.jsonl for the metrics,
 scores.npz for the per-task view, golden.json, config.json and run.json. Every file but
 ranking.jsonl, and every key, is optional: what is missing prints as "n/a". Pure NumPy +
-matplotlib: plots are drawn on `Figure` objects with the Agg canvas, never through pyplot, so no
-display or global backend state is involved. Output is deterministic.
+matplotlib: the figures (`plots`) are drawn on `Figure` objects with the Agg canvas, never through
+pyplot, so no display or global backend state is involved. Output is deterministic.
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from nuggets_jax import plots as plots_lib
 from nuggets_jax.metrics import METRIC_FORMULAS, METRICS, auroc
+from nuggets_jax.plots import CLEAN
 from nuggets_jax.select import rank_order
 
 NA = "n/a"
-CLEAN = "clean"  # the label of records whose "corruption" is null
 _TEXT_CHARS = 120
-_DPI = 110
 _CUT_KEYS = ("candidates_cut", "tasks_cut", "max_prefix_tokens", "max_task_tokens")
 _BUCKET_KEYS = ("row_length", "rows_per_group", "groups", "fill")
 _RUN_KEYS = ("devices.count", "devices.kind", "devices.platform", "devices.processes", "counts.pairs")
@@ -151,88 +149,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((rank_a * rank_b).sum() / denominator) if denominator > 0 else float("nan")
 
 
-def _save(figure: Figure, path: pathlib.Path) -> str:
-    FigureCanvasAgg(figure)
-    figure.tight_layout()
-    # No "Software" entry, so the bytes do not change with the matplotlib version.
-    figure.savefig(path, dpi=_DPI, metadata={"Software": None})
-    return f"plots/{path.name}"
-
-
-def _plot_histogram(values: np.ndarray, kinds: np.ndarray | None, name: str, cut: float | None, path):
-    figure = Figure(figsize=(6.4, 4.0))
-    axes = figure.add_subplot()
-    finite = np.isfinite(values)
-    edges = np.histogram_bin_edges(_finite(values), bins=int(np.clip(np.sqrt(finite.sum()), 10, 50)))
-    if kinds is None:
-        axes.hist(values[finite], bins=edges, color="tab:blue", label="candidates")
-    else:
-        clean = kinds == CLEAN
-        groups = [values[finite & clean], values[finite & ~clean]]
-        axes.hist(groups, bins=edges, stacked=True, color=["tab:blue", "tab:red"], label=[CLEAN, "corrupted"])
-    if cut is not None:
-        axes.axvline(cut, color="black", linestyle="--", label=f"golden-set cut ({cut:.4g})")
-    axes.set(title=f"Distribution of {name} over candidates", xlabel=name, ylabel="candidates")
-    axes.legend()
-    return _save(figure, path)
-
-
-def _plot_correlation(names: Sequence[str], matrix: np.ndarray, path: pathlib.Path) -> str:
-    figure = Figure(figsize=(1.4 * len(names) + 2.5, 1.1 * len(names) + 1.8))
-    axes = figure.add_subplot()
-    image = axes.imshow(matrix, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
-    for i, j in np.ndindex(matrix.shape):
-        text = "n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}"
-        axes.text(j, i, text, ha="center", va="center", color="white" if abs(matrix[i, j]) > 0.6 else "black")
-    axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    axes.set_yticks(range(len(names)), names)
-    axes.set_title("Spearman rank correlation between metrics")
-    figure.colorbar(image, ax=axes, label="Spearman rho")
-    return _save(figure, path)
-
-
-def _plot_scatter(values: dict[str, np.ndarray], metric: str, kinds: np.ndarray | None, path) -> str:
-    others = [name for name in values if name != metric] or [metric]
-    figure = Figure(figsize=(4.2 * len(others), 4.0))
-    groups = [("candidates", np.ones(values[metric].size, bool), "tab:blue")]
-    if kinds is not None:
-        groups = [(CLEAN, kinds == CLEAN, "tab:blue"), ("corrupted", kinds != CLEAN, "tab:red")]
-    for column, other in enumerate(others, start=1):
-        axes = figure.add_subplot(1, len(others), column)
-        for label, mask, color in groups:
-            axes.scatter(values[metric][mask], values[other][mask], s=10, alpha=0.6, color=color, label=label)
-        axes.set(title=f"{other} vs {metric}", xlabel=metric, ylabel=other)
-    axes.legend()
-    return _save(figure, path)
-
-
-def _plot_corruption(values: np.ndarray, kinds: np.ndarray, labels: Sequence[str], metric: str, path) -> str:
-    figure = Figure(figsize=(max(5.0, 1.3 * len(labels) + 2.0), 4.2))
-    axes = figure.add_subplot()
-    data = [_finite(values[kinds == label]) for label in labels]
-    axes.boxplot(data, tick_labels=list(labels), showfliers=False)
-    jitter = np.random.default_rng(0)  # fixed seed: the same workdir gives the same picture
-    for position, points in enumerate(data, start=1):
-        offsets = jitter.uniform(-0.15, 0.15, points.size)
-        color = "tab:blue" if labels[position - 1] == CLEAN else "tab:red"
-        axes.scatter(position + offsets, points, s=9, alpha=0.5, color=color)
-    axes.set(title=f"{metric} by corruption kind", xlabel="corruption kind", ylabel=metric)
-    return _save(figure, path)
-
-
-def _plot_tasks(labels: Sequence[str], fractions: np.ndarray, path: pathlib.Path) -> str:
-    figure = Figure(figsize=(min(16.0, max(6.0, 0.28 * len(labels) + 2.0)), 4.2))
-    axes = figure.add_subplot()
-    axes.bar(range(len(labels)), fractions, color="tab:green")
-    axes.axhline(0.5, color="black", linestyle="--", linewidth=1, label="half of the candidates")
-    if len(labels) <= 40:
-        axes.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
-    axes.set(title="Fraction of candidates that beat zero-shot, per task (sorted)", ylim=(0, 1))
-    axes.set(xlabel="task" if len(labels) <= 40 else f"{len(labels)} tasks, sorted", ylabel="fraction")
-    axes.legend()
-    return _save(figure, path)
-
-
 def _summary(config: Any, run: Any, metric: str, num: tuple[int, int | None], golden: Any) -> str:
     count = _get(run, "devices.count")
     kind = _get(run, "devices.kind") or _get(run, "devices.platform")
@@ -295,7 +211,7 @@ def _corruption(
             [_cell(label), str(int(mask.sum())), f"{mask.mean():.1%}", golden, f"{ranks[mask].mean():.1f}"]
             + [_fmt(median)]
         )
-    image = _plot_corruption(values[metric], kinds, labels, metric, plots / "corruption.png")
+    image = plots_lib.corruption_boxplot(values[metric], kinds, labels, metric, plots / "corruption.png")
     return (
         "## Corruption\n\nAUROC of clean (positive) against corrupted records for each metric: 1.0 means "
         "every clean record scores above every corrupted one, 0.5 is chance (ties count 1/2).\n\n"
@@ -353,7 +269,7 @@ def _tasks(scores: Mapping[str, np.ndarray], plots: pathlib.Path) -> str:
         ]
 
     mean_per_token = _fmt(np.mean(_finite(per_token)), ".3f") if np.isfinite(per_token).any() else NA
-    image = _plot_tasks([str(ids[i]) for i in order], wins[order], plots / "task_win_fraction.png")
+    image = plots_lib.task_win_fractions([str(ids[i]) for i in order], wins[order], plots / "task_win_fraction.png")
     return (
         f"## Per-task view\n\n{zero.size} tasks, {one.shape[0]} fully scored candidates. "
         f"Mean zero-shot log-prob per token {mean_per_token}.\n\n"
@@ -408,12 +324,15 @@ def _metrics_section(values: dict[str, np.ndarray], metric: str) -> str:
 def _plots_section(values: dict[str, np.ndarray], metric: str, kinds, cut: float | None, plots) -> str:
     names = list(values)
     images = [
-        _plot_histogram(values[name], kinds, name, cut if name == metric else None, plots / f"hist_{name}.png")
+        plots_lib.metric_histogram(
+            values[name], kinds, name, cut if name == metric else None, plots / f"hist_{name}.png"
+        )
         for name in names
     ]
     matrix = np.array([[spearman(values[a], values[b]) for b in names] for a in names])  # [M, M]
-    images.append(_plot_correlation(names, matrix, plots / "metric_correlation.png"))
-    images.append(_plot_scatter(values, metric, kinds, plots / "metric_scatter.png"))
+    title = "Spearman rank correlation between metrics"
+    images.append(plots_lib.correlation_heatmap(names, matrix, title, plots / "metric_correlation.png"))
+    images.append(plots_lib.metric_scatter(values, metric, kinds, plots / "metric_scatter.png"))
     rows = [[name, *(_fmt(rho, ".3f") for rho in row)] for name, row in zip(names, matrix, strict=True)]
     return (
         "## Plots\n\n"

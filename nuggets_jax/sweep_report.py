@@ -1,6 +1,6 @@
 """The report of a task-set sweep: `report.md` and PNG plots under `plots/`, from stability.json's content.
 
-Plots are drawn on matplotlib `Figure` objects with the Agg canvas (no pyplot global state):
+Plots are drawn on matplotlib `Figure` objects with the Agg canvas (`plots`, no pyplot global state):
 rank correlation with the reference vs task-set size per construction (error bars: standard
 deviation over seeds), top-fraction overlap vs size, and the Spearman correlation between
 metrics on the whole union of tasks.
@@ -14,12 +14,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from nuggets_jax import plots as plots_lib
 from nuggets_jax import stability
 
-_DPI = 110
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
@@ -44,14 +43,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def _save(figure: Figure, path: pathlib.Path) -> str:
-    FigureCanvasAgg(figure)
-    figure.tight_layout()
-    # No "Software" entry, so the bytes do not change with the matplotlib version.
-    figure.savefig(path, dpi=_DPI, metadata={"Software": None})
-    return f"plots/{path.name}"
 
 
 def _line_label(entry: Mapping[str, Any], multi_m: bool, multi_init: bool) -> str:
@@ -102,21 +93,7 @@ def _plot_vs_size(
         axes.set(title=f"{title}: {metric}", xlabel="task-set size K", ylim=(min(0.0, axes.get_ylim()[0]), 1.02))
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
-    return _save(figure, path)
-
-
-def _plot_heatmap(names: Sequence[str], matrix: np.ndarray, path: pathlib.Path) -> str:
-    figure = Figure(figsize=(1.4 * len(names) + 2.5, 1.1 * len(names) + 1.8))
-    axes = figure.add_subplot()
-    image = axes.imshow(matrix, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
-    for i, j in np.ndindex(matrix.shape):
-        text = "n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}"
-        axes.text(j, i, text, ha="center", va="center", color="white" if abs(matrix[i, j]) > 0.6 else "black")
-    axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    axes.set_yticks(range(len(names)), names)
-    axes.set_title("Spearman between metrics (all union tasks)")
-    figure.colorbar(image, ax=axes, label="Spearman rho")
-    return _save(figure, path)
+    return plots_lib.save_png(figure, path)
 
 
 def summary_table(result: Mapping[str, Any]) -> str:
@@ -211,7 +188,8 @@ def write_sweep_report(workdir: str | pathlib.Path, result: Mapping[str, Any]) -
         parts.append(f"![top overlap vs size]({overlap})\n")
     names = result["metric_correlation"]["names"]
     matrix = np.asarray(result["metric_correlation"]["matrix"], np.float64)
-    heatmap = _plot_heatmap(names, matrix, plots / "metric_correlation.png")
+    title = "Spearman between metrics (all union tasks)"
+    heatmap = plots_lib.correlation_heatmap(names, matrix, title, plots / "metric_correlation.png")
     parts += [
         "## Metric agreement on the union of tasks\n",
         f"![metric correlation]({heatmap})\n",

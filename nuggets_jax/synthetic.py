@@ -1,11 +1,12 @@
 """The embedded default data: a generated pool of short instruction examples and held-out tasks.
 
 Five categories (arithmetic, unit conversion, string edits, facts, formatting), each made of
-families of questions (e.g. addition, km to m, capitals). Every family enumerates its questions
-in a fixed order and reserves every `HELD_OUT_EVERY`-th question for tasks, so the task set never
-shares a question, in any phrasing, with the pool, whatever the seeds. Responses are one short
-correct sentence; a known fraction of the pool is corrupted (`CORRUPTION_KINDS`) so a selection
-method can be checked on whether it ranks the corrupted examples low.
+families of questions (e.g. addition, km to m, capitals; the word and fact tables they draw on
+are in `synthetic_tables`). Every family enumerates its questions in a fixed order and reserves
+every `HELD_OUT_EVERY`-th question for tasks, so the task set never shares a question, in any
+phrasing, with the pool, whatever the seeds. Responses are one short correct sentence; a known
+fraction of the pool is corrupted (`CORRUPTION_KINDS`) so a selection method can be checked on
+whether it ranks the corrupted examples low.
 
 Everything is drawn from one seeded `random.Random` per call in a fixed order, and nothing
 iterates a set of strings (its order depends on the hash seed), so the output is byte-identical
@@ -25,6 +26,23 @@ import pathlib
 import random
 import string
 from collections.abc import Callable
+
+from nuggets_jax.synthetic_tables import (
+    ADJECTIVES,
+    CAPITALS,
+    CONVERSIONS,
+    DAYS,
+    MONTHS,
+    NAMES,
+    NOUNS,
+    OPPOSITES,
+    ORDINALS,
+    PLACES,
+    PLACES_NOUNS,
+    PLANETS,
+    SYMBOLS,
+    WORDS,
+)
 
 CATEGORIES = ("arithmetic", "unit_conversion", "string_edit", "facts", "formatting")
 CORRUPTION_KINDS = ("wrong_answer", "swapped_response", "truncated", "noise")
@@ -100,19 +118,6 @@ def _multiply(q: tuple, k: int) -> _Example:
     return _phrased(phrasings, k, say(a * b), [say(a * b + a), say(a * b - b), say(a + b)])
 
 
-# (from unit, to unit, factor, smallest and largest amount)
-_CONVERSIONS = (
-    ("kilometers", "meters", 1000, 2, 40),
-    ("meters", "centimeters", 100, 2, 40),
-    ("kilograms", "grams", 1000, 2, 40),
-    ("liters", "milliliters", 1000, 2, 40),
-    ("hours", "minutes", 60, 2, 24),
-    ("minutes", "seconds", 60, 2, 60),
-    ("days", "hours", 24, 2, 30),
-    ("weeks", "days", 7, 2, 52),
-)
-
-
 def _convert(q: tuple, k: int) -> _Example:
     source, target, factor, amount = q
     say = lambda v: f"{amount} {source} is {v} {target}."
@@ -149,16 +154,6 @@ def _fahrenheit_to_celsius(q: tuple, k: int) -> _Example:
         (f"What is {fahrenheit} degrees Fahrenheit in Celsius?", ""),
     ]
     return _phrased(phrasings, k, say(celsius), [say(fahrenheit - 32), say(celsius + 5), say(celsius - 5)])
-
-
-_WORDS = (
-    "apple", "river", "garden", "window", "pencil", "rocket", "silver", "forest", "button",
-    "candle", "dragon", "island", "jacket", "kitten", "lemon", "marble", "needle", "orange",
-    "planet", "rabbit", "saddle", "tunnel", "violin", "wallet", "yellow", "zipper", "basket",
-    "castle", "desert", "engine", "falcon", "guitar", "hammer", "insect", "jungle", "ladder",
-    "mirror", "napkin", "oyster", "parrot", "ribbon", "spider", "tomato", "velvet", "walnut",
-    "bridge", "cloud", "stone", "music",
-)  # fmt: skip
 
 
 def _reverse(q: tuple, k: int) -> _Example:
@@ -208,115 +203,66 @@ def _last_letter(q: tuple, k: int) -> _Example:
     return _phrased(phrasings, k, say(word[-1]), [say(word[0]), say(word[-2]), say(word[1])])
 
 
-_CAPITALS = (
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Portugal", "Lisbon"), ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"),
-    ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Argentina", "Buenos Aires"), ("Egypt", "Cairo"),
-    ("Kenya", "Nairobi"), ("Russia", "Moscow"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
-    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Greece", "Athens"),
-    ("Ireland", "Dublin"), ("Austria", "Vienna"), ("Hungary", "Budapest"), ("Peru", "Lima"),
-    ("Chile", "Santiago"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("South Korea", "Seoul"),
-    ("the Philippines", "Manila"), ("Cuba", "Havana"), ("New Zealand", "Wellington"),
-    ("the United Kingdom", "London"), ("Mexico", "Mexico City"), ("Iceland", "Reykjavik"),
-    ("Ukraine", "Kyiv"), ("Romania", "Bucharest"), ("Ghana", "Accra"), ("Ethiopia", "Addis Ababa"),
-)  # fmt: skip
-_SYMBOLS = (
-    ("hydrogen", "H"), ("helium", "He"), ("lithium", "Li"), ("carbon", "C"), ("nitrogen", "N"),
-    ("oxygen", "O"), ("fluorine", "F"), ("neon", "Ne"), ("sodium", "Na"), ("magnesium", "Mg"),
-    ("silicon", "Si"), ("phosphorus", "P"), ("sulfur", "S"), ("chlorine", "Cl"), ("argon", "Ar"),
-    ("potassium", "K"), ("calcium", "Ca"), ("iron", "Fe"), ("copper", "Cu"), ("zinc", "Zn"),
-    ("silver", "Ag"), ("gold", "Au"), ("tin", "Sn"), ("lead", "Pb"), ("mercury", "Hg"),
-    ("nickel", "Ni"), ("iodine", "I"), ("uranium", "U"), ("platinum", "Pt"), ("tungsten", "W"),
-)  # fmt: skip
-_PLANETS = ("Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune")
-_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
-# One direction only where the reverse has several answers (short -> long or tall, light -> dark or heavy).
-_OPPOSITES = (
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"),
-    ("clean", "dirty"), ("open", "closed"), ("early", "late"), ("full", "empty"), ("wide", "narrow"),
-    ("high", "low"), ("wet", "dry"), ("strong", "weak"), ("rich", "poor"), ("thick", "thin"),
-    ("loud", "quiet"), ("push", "pull"), ("win", "lose"), ("buy", "sell"), ("inside", "outside"),
-    ("above", "below"), ("before", "after"), ("true", "false"), ("left", "right"), ("north", "south"),
-    ("east", "west"), ("day", "night"), ("long", "short"), ("heavy", "light"), ("first", "last"),
-)  # fmt: skip
-_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
-)  # fmt: skip
-
-
 def _capital(q: tuple, k: int) -> _Example:
     (i,) = q
-    country, capital = _CAPITALS[i]
+    country, capital = CAPITALS[i]
     say = lambda v: f"The capital of {country} is {v}."
     phrasings = [(f"What is the capital of {country}?", ""), (f"Name the capital city of {country}.", "")]
-    wrong = [say(_CAPITALS[(i + step) % len(_CAPITALS)][1]) for step in (1, 3, 7)]
+    wrong = [say(CAPITALS[(i + step) % len(CAPITALS)][1]) for step in (1, 3, 7)]
     return _phrased(phrasings, k, say(capital), wrong)
 
 
 def _symbol(q: tuple, k: int) -> _Example:
     (i,) = q
-    element, symbol = _SYMBOLS[i]
+    element, symbol = SYMBOLS[i]
     say = lambda v: f"The chemical symbol for {element} is {v}."
     phrasings = [
         (f"What is the chemical symbol for {element}?", ""),
         (f"Give the chemical symbol of {element}.", ""),
     ]
-    wrong = [say(element[:2].capitalize())] + [say(_SYMBOLS[(i + step) % len(_SYMBOLS)][1]) for step in (1, 5)]
+    wrong = [say(element[:2].capitalize())] + [say(SYMBOLS[(i + step) % len(SYMBOLS)][1]) for step in (1, 5)]
     return _phrased(phrasings, k, say(symbol), wrong)
 
 
 def _planet(q: tuple, k: int) -> _Example:
     asks_for_planet, i = q
-    neighbours = [j for j in (i - 1, i + 1, i + 2) if 0 <= j < len(_PLANETS)]
+    neighbours = [j for j in (i - 1, i + 1, i + 2) if 0 <= j < len(PLANETS)]
     if asks_for_planet:
-        say = lambda v: f"The {_ORDINALS[i]} planet from the Sun is {v}."
+        say = lambda v: f"The {ORDINALS[i]} planet from the Sun is {v}."
         phrasings = [
-            (f"Which planet is {_ORDINALS[i]} from the Sun?", ""),
-            ("Name the planet at this position from the Sun.", _ORDINALS[i]),
+            (f"Which planet is {ORDINALS[i]} from the Sun?", ""),
+            ("Name the planet at this position from the Sun.", ORDINALS[i]),
         ]
-        return _phrased(phrasings, k, say(_PLANETS[i]), [say(_PLANETS[j]) for j in neighbours])
-    say = lambda v: f"{_PLANETS[i]} is the {v} planet from the Sun."
+        return _phrased(phrasings, k, say(PLANETS[i]), [say(PLANETS[j]) for j in neighbours])
+    say = lambda v: f"{PLANETS[i]} is the {v} planet from the Sun."
     phrasings = [
-        (f"Which position from the Sun is {_PLANETS[i]}?", ""),
-        ("Give this planet's position from the Sun.", _PLANETS[i]),
+        (f"Which position from the Sun is {PLANETS[i]}?", ""),
+        ("Give this planet's position from the Sun.", PLANETS[i]),
     ]
-    return _phrased(phrasings, k, say(_ORDINALS[i]), [say(_ORDINALS[j]) for j in neighbours])
+    return _phrased(phrasings, k, say(ORDINALS[i]), [say(ORDINALS[j]) for j in neighbours])
 
 
 def _opposite(q: tuple, k: int) -> _Example:
     (i,) = q
-    word, opposite = _OPPOSITES[i]
+    word, opposite = OPPOSITES[i]
     say = lambda v: f'The opposite of "{word}" is "{v}".'
     phrasings = [(f'What is the opposite of "{word}"?', ""), ("Give the opposite of the word.", word)]
-    wrong = [say(_OPPOSITES[(i + step) % len(_OPPOSITES)][1]) for step in (1, 4)] + [say(word)]
+    wrong = [say(OPPOSITES[(i + step) % len(OPPOSITES)][1]) for step in (1, 4)] + [say(word)]
     return _phrased(phrasings, k, say(opposite), wrong)
 
 
 def _calendar(q: tuple, k: int) -> _Example:
     unit, i = q
-    names = _DAYS if unit == "day" else _MONTHS
+    names = DAYS if unit == "day" else MONTHS
     say = lambda v: f"The {unit} after {names[i]} is {v}."
     phrasings = [(f"What {unit} comes after {names[i]}?", ""), (f"Which {unit} follows {names[i]}?", "")]
     wrong = [say(names[(i + step) % len(names)]) for step in (-1, 2)]
     return _phrased(phrasings, k, say(names[(i + 1) % len(names)]), wrong)
 
 
-_NOUNS = (
-    "apple", "bread", "chair", "daisy", "eagle", "flute", "grape", "house", "igloo", "juice",
-    "kite", "lamp", "mango", "nest", "olive", "piano",
-)  # fmt: skip
-_NAMES = (
-    "Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gina", "Hugo", "Iris", "Jack", "Kim", "Leo",
-    "Mia", "Noah", "Omar", "Pia", "Ravi", "Sara", "Tom", "Zoe",
-)  # fmt: skip
 # Input word orders for the list families (applied to sorted triples): never the sorted order,
 # so sorting always has work to do.
 _SHUFFLES = ((1, 0, 2), (2, 0, 1), (0, 2, 1), (2, 1, 0), (1, 2, 0))
-_ADJECTIVES = ("quiet", "happy", "green", "little", "bright", "old")
-_PLACES_NOUNS = ("garden", "river", "house", "morning", "road")
-_PLACES = ("street", "park", "lane")
 
 
 def _comma_list(q: tuple, k: int) -> _Example:
@@ -364,26 +310,26 @@ def _families() -> tuple[_Family, ...]:
     """Every question family, in a fixed order; built once."""
     triples = [
         tuple(c[i] for i in _SHUFFLES[n % len(_SHUFFLES)])
-        for n, c in enumerate(itertools.combinations(sorted(_NOUNS), 3))
+        for n, c in enumerate(itertools.combinations(sorted(NOUNS), 3))
     ]
     temperatures = tuple((c,) for c in range(-40, 105, 5))
-    words = tuple((w,) for w in _WORDS)
+    words = tuple((w,) for w in WORDS)
     families = [
         _Family("arithmetic", tuple(itertools.product(range(2, 61), repeat=2)), _add, 3),
         _Family("arithmetic", tuple((a, b) for a in range(5, 100) for b in range(2, a)), _subtract, 3),
         _Family("arithmetic", tuple(itertools.product(range(2, 13), repeat=2)), _multiply, 3),
         *(
             _Family("unit_conversion", tuple((s, t, f, x) for x in range(lo, hi + 1)), _convert, 2)
-            for s, t, f, lo, hi in _CONVERSIONS
+            for s, t, f, lo, hi in CONVERSIONS
         ),
         _Family("unit_conversion", temperatures, _celsius_to_fahrenheit, 2),
         _Family("unit_conversion", temperatures, _fahrenheit_to_celsius, 2),
         *(_Family("string_edit", words, render, 2) for render in (_reverse, _uppercase, _count_letters)),
         *(_Family("string_edit", words, render, 2) for render in (_first_letter, _last_letter)),
-        _Family("facts", tuple((i,) for i in range(len(_CAPITALS))), _capital, 2),
-        _Family("facts", tuple((i,) for i in range(len(_SYMBOLS))), _symbol, 2),
-        _Family("facts", tuple((p, i) for p in (True, False) for i in range(len(_PLANETS))), _planet, 2),
-        _Family("facts", tuple((i,) for i in range(len(_OPPOSITES))), _opposite, 2),
+        _Family("facts", tuple((i,) for i in range(len(CAPITALS))), _capital, 2),
+        _Family("facts", tuple((i,) for i in range(len(SYMBOLS))), _symbol, 2),
+        _Family("facts", tuple((p, i) for p in (True, False) for i in range(len(PLANETS))), _planet, 2),
+        _Family("facts", tuple((i,) for i in range(len(OPPOSITES))), _opposite, 2),
         _Family(
             "facts",
             tuple(("day", i) for i in range(7)) + tuple(("month", i) for i in range(12)),
@@ -392,8 +338,13 @@ def _families() -> tuple[_Family, ...]:
         ),
         _Family("formatting", tuple(triples), _comma_list, 2),
         _Family("formatting", tuple(triples), _sort_words, 2),
-        _Family("formatting", tuple(itertools.product(_NAMES, range(18, 70))), _json_person, 2),
-        _Family("formatting", tuple(itertools.product(_ADJECTIVES, _PLACES_NOUNS, _PLACES)), _title_case, 2),
+        _Family("formatting", tuple(itertools.product(NAMES, range(18, 70))), _json_person, 2),
+        _Family(
+            "formatting",
+            tuple(itertools.product(ADJECTIVES, PLACES_NOUNS, PLACES)),
+            _title_case,
+            2,
+        ),
     ]
     return tuple(families)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nuggets_jax import data, finetune, models
+from nuggets_jax import checkpoint, data, finetune, finetune_data, models
 from nuggets_jax.models.params import load_params
 
 OBJECTS = [
@@ -57,7 +57,7 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def examples(tiny):
-    return finetune.tokenize_examples(tiny.tokenizer, _records(), data.Template(), max_tokens=64)
+    return finetune_data.tokenize_examples(tiny.tokenizer, _records(), data.Template(), max_tokens=64)
 
 
 def _direct_response_nll(model, examples) -> list[np.ndarray]:
@@ -83,7 +83,7 @@ def test_examples_are_prompt_then_exact_response_then_eos(tiny, tiny_bos_model_d
         (tiny.tokenizer, []),
         (models.load_model(str(tiny_bos_model_dir)).tokenizer, [1]),
     ):
-        ex = finetune.tokenize_examples(tok, _records(), template, max_tokens=64)
+        ex = finetune_data.tokenize_examples(tok, _records(), template, max_tokens=64)
         for record, ids, start in zip(_records(), ex.ids, ex.response_start, strict=True):
             prompt = tok(template.prompt(record), add_special_tokens=False)["input_ids"]
             response = tok(record.output, add_special_tokens=False)["input_ids"]
@@ -91,9 +91,9 @@ def test_examples_are_prompt_then_exact_response_then_eos(tiny, tiny_bos_model_d
             assert ids[start:-1].tolist() == response
     # A cut example keeps max_tokens tokens, at least one of the response, and no eos.
     tok = tiny.tokenizer
-    full = finetune.tokenize_examples(tok, _records(), template, max_tokens=64, eos=False)
+    full = finetune_data.tokenize_examples(tok, _records(), template, max_tokens=64, eos=False)
     limit = int(full.response_start.max()) + 1
-    cut = finetune.tokenize_examples(tok, _records(), template, max_tokens=limit)
+    cut = finetune_data.tokenize_examples(tok, _records(), template, max_tokens=limit)
     assert any(len(x) > limit for x in full.ids)
     for short, long in zip(cut.ids, full.ids, strict=True):
         if len(long) + 1 > limit:
@@ -101,14 +101,14 @@ def test_examples_are_prompt_then_exact_response_then_eos(tiny, tiny_bos_model_d
         else:
             assert short.tolist() == [*long.tolist(), tok.eos_token_id]
     with pytest.raises(data.DataError, match="keep no response token within train.max_tokens"):
-        finetune.tokenize_examples(tok, _records(), template, max_tokens=int(full.response_start.min()))
+        finetune_data.tokenize_examples(tok, _records(), template, max_tokens=int(full.response_start.min()))
 
 
 def test_data_order_packs_the_stream_in_order_and_visits_every_example_once_per_epoch():
     lengths = [5, 9, 3, 7, 12, 4, 6]
     n, row_length = len(lengths), 16
-    order = finetune.DataOrder(lengths, seed=3, batch_rows=2, row_length=row_length, micro_batches=2)
-    stream = finetune.DataOrder(lengths, seed=3, batch_rows=2, row_length=row_length, micro_batches=2)
+    order = finetune_data.DataOrder(lengths, seed=3, batch_rows=2, row_length=row_length, micro_batches=2)
+    stream = finetune_data.DataOrder(lengths, seed=3, batch_rows=2, row_length=row_length, micro_batches=2)
     steps = [order.next_step() for _ in range(6)]
     position = 0
     for step in steps:
@@ -126,13 +126,13 @@ def test_data_order_packs_the_stream_in_order_and_visits_every_example_once_per_
     epochs = [[stream.example_at(e * n + i) for i in range(n)] for e in range(position // n)]
     assert all(sorted(epoch) == list(range(n)) for epoch in epochs)
     assert len({tuple(epoch) for epoch in epochs}) > 1  # a fresh permutation per epoch
-    replay = finetune.DataOrder(lengths, seed=3, batch_rows=2, row_length=row_length, micro_batches=2)
+    replay = finetune_data.DataOrder(lengths, seed=3, batch_rows=2, row_length=row_length, micro_batches=2)
     replay.skip(4)
     assert replay.next_step() == steps[4]
 
 
 def test_loss_is_cross_entropy_of_response_tokens_only(tiny, examples):
-    batch = finetune.make_batch(examples, [ROWS], batch_rows=6, row_length=64)
+    batch = finetune_data.make_batch(examples, [ROWS], batch_rows=6, row_length=64)
     micro = {f: jnp.asarray(getattr(batch, f)[0]) for f in ("tokens", "positions", "segment_ids", "targets")}
     micro["weights"] = jnp.asarray(batch.weights[0])
     loss = loss_of(tiny.model, micro, batch.response_tokens)
@@ -151,8 +151,8 @@ def test_loss_is_cross_entropy_of_response_tokens_only(tiny, examples):
 
 
 def test_gradient_accumulation_equals_one_batch_of_k_times_the_size(tiny, examples):
-    one = finetune.make_batch(examples, [ROWS], batch_rows=6, row_length=64)  # [1, 6, L]
-    two = finetune.make_batch(examples, [ROWS[:3], ROWS[3:]], batch_rows=3, row_length=64)  # [2, 3, L]
+    one = finetune_data.make_batch(examples, [ROWS], batch_rows=6, row_length=64)  # [1, 6, L]
+    two = finetune_data.make_batch(examples, [ROWS[:3], ROWS[3:]], batch_rows=3, row_length=64)  # [2, 3, L]
     assert one.response_tokens == two.response_tokens
     graphdef, params = nnx.split(tiny.model)
     grads_of = jax.jit(lambda p, b, z: finetune.step_gradients(graphdef, 16, jnp.float32, p, b, z))
@@ -195,7 +195,7 @@ def straight(tiny, examples, tmp_path_factory):
 
 
 def _all_examples_loss(model, examples) -> float:
-    batch = finetune.make_batch(examples, [ROWS], batch_rows=6, row_length=64)
+    batch = finetune_data.make_batch(examples, [ROWS], batch_rows=6, row_length=64)
     micro = {f: jnp.asarray(getattr(batch, f)[0]) for f in ("tokens", "positions", "segment_ids", "targets", "weights")}
     return loss_of(model, micro, batch.response_tokens)
 
@@ -233,7 +233,7 @@ def test_resume_after_a_kill_continues_the_same_schedule(tiny, examples, straigh
         finetune.train(
             tiny.model, examples, TRAIN, tmp_path, tiny.hf_config, tiny.model_dir, progress=False, on_step=kill_at_3
         )
-    assert [s for s, _ in finetune.checkpoint_dirs(tmp_path)] == [2]
+    assert [s for s, _ in checkpoint.checkpoint_dirs(tmp_path)] == [2]
     resumed = finetune.train(tiny.model, examples, TRAIN, tmp_path, tiny.hf_config, tiny.model_dir, progress=False)
     assert resumed.resumed_from == 2 and resumed.steps_run == 2
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params), strict=True):
