@@ -45,6 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.select.threshold = config_dict.placeholder(float)
 
     config.scoring = ml_collections.ConfigDict()
+    # "exact": every candidate on every task. "adaptive": rounds of tasks only for the candidates whose
+    # place in the golden set is still undecided (config.adaptive); the golden set from fewer pairs.
+    config.scoring.mode = "exact"
     config.scoring.candidates_per_device = 1
     config.scoring.tokens_per_device = 16384
     config.scoring.row_length = 0  # 0 = smallest multiple of 64 that holds the longest task
@@ -52,6 +55,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scoring.lm_head_tokens = 1024
     config.scoring.attention_rows = 2  # task rows per attention chunk (0 = all rows at once)
     config.scoring.chunk_candidates = 32  # candidates per saved chunk
+
+    # scoring.mode="adaptive" (nuggets_jax.adaptive). Metrics: win_rate | mean_logp_gain | token_acc_gain.
+    config.adaptive = ml_collections.ConfigDict()
+    config.adaptive.confidence = 0.9  # P(all in/out decisions right) if union, else per candidate
+    config.adaptive.union = True  # False: no joint guarantee, far fewer pairs (see the README)
+    config.adaptive.interval = "betting"  # "betting" (exact) | "normal" (Student-t, approximate, tighter)
+    config.adaptive.panel = 0  # reference candidates scored every round; intervals relative to them
+    config.adaptive.compare = "candidate"  # "candidate" | "pairwise" (normal only: difference of two candidates)
+    config.adaptive.initial_tasks = 10  # tasks every candidate gets before the first decision
+    config.adaptive.tasks_per_round = 10  # tasks per round for the undecided candidates
+    config.adaptive.seed = 0  # the task permutation the rounds follow
+    config.adaptive.grid = 201  # hypothesised means per betting interval (resolution of its ends)
+    config.adaptive.range_margin = 0.5  # mean_logp_gain: widening of the observed per-task range
 
     config.distributed = ml_collections.ConfigDict()
     config.distributed.enabled = False  # jax.distributed.initialize() (automatic on TPU pods / SLURM)

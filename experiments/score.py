@@ -24,7 +24,12 @@ def main(argv) -> None:
 
     with cli.user_errors():
         run = job.run_score(_CONFIG.value, _WORKDIR.value, log=cli.log)
-        if run:
+        if run and run.get("mode") == "adaptive":
+            cli.log(
+                f"done: golden set decided with {run['pairs_scored']} of {run['pairs_exact']} pairs "
+                f"({run['compute_fraction']:.1%}) in {run['wall_s']:.1f}s; outputs in {_WORKDIR.value}"
+            )
+        elif run:
             cli.log(
                 f"done: {run['counts']['pairs']} pairs in {run['wall_s']:.1f}s "
                 f"({run['pairs_per_s']:.1f} pairs/s, {run['tokens_per_s']:.0f} task tokens/s); "

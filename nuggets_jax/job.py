@@ -86,6 +86,22 @@ def validate(config) -> None:
         raise JobError(f"select.top_n must be at least 1, got {rule['top_n']}.")
     if config.scoring.candidates_per_device < 1 or config.scoring.tokens_per_device < 1:
         raise JobError("scoring.candidates_per_device and scoring.tokens_per_device must be positive.")
+    if config.scoring.mode not in ("exact", "adaptive"):
+        raise JobError(f"unknown scoring.mode {config.scoring.mode!r}; choose exact or adaptive.")
+    if config.scoring.mode == "adaptive":
+        from nuggets_jax import adaptive
+
+        if config.metric not in adaptive.METRICS:
+            raise JobError(
+                f"scoring.mode=adaptive supports metric {' | '.join(adaptive.METRICS)}, got {config.metric!r}."
+            )
+        adaptive.AdaptiveConfig.from_mapping(config.adaptive)
+        ranks_pairs = config.adaptive.panel or config.adaptive.compare == "pairwise"
+        if ranks_pairs and config.select.get("threshold") is not None:
+            raise JobError(
+                "adaptive.panel and adaptive.compare=pairwise need select.top_n or select.top_fraction, "
+                "not select.threshold."
+            )
 
 
 def _digest(obj: Any) -> str:
@@ -185,6 +201,7 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     template = data_lib.Template(config.data.prompt_no_input, config.data.prompt_with_input)
     inputs = load_inputs(config, workdir)
 
+    adaptive_mode = config.scoring.mode == "adaptive"
     t0 = time.perf_counter()
     loaded = models.load_model(config.model.path, dtype=config.model.dtype)
     timings["load_s"] = time.perf_counter() - t0
@@ -210,7 +227,15 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     engine_config = scoring.EngineConfig(
         **{f.name: config.scoring[f.name] for f in dataclasses.fields(scoring.EngineConfig)}
     )
-    engine = scoring.Engine(loaded.model, tasks, scoring.prefix_lengths_of(prefixes), engine_config, log=log)
+    from nuggets_jax import adaptive
+
+    adaptive_config = adaptive.AdaptiveConfig.from_mapping(config.adaptive)
+    # Round layouts: for an adaptive run, and for completing one (its partial candidates) into an exact run.
+    partial = bool(store.names(adaptive.CHUNK_PREFIX))
+    column_sets = adaptive.round_columns(len(tasks.ids), adaptive_config) if adaptive_mode or partial else ()
+    engine = scoring.Engine(
+        loaded.model, tasks, scoring.prefix_lengths_of(prefixes), engine_config, log=log, column_sets=column_sets
+    )
     timings["compile_s"] = engine.compile_s
     candidate_ids = [r.id for r in inputs.pool]
     task_ids = [r.id for r in inputs.tasks]
@@ -224,16 +249,30 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         scoring.check_finite(zero_logp[None], ["<zero-shot>"], task_ids)
         store.write("zero", zero_logp=zero_logp, zero_correct=zero_correct)
     timings["zero_shot_s"] = zero_stats.wall_s
-    one = scoring.run_one_shot(
-        engine,
-        prefixes,
-        store,
-        candidate_ids,
-        task_ids,
-        chunk_candidates=config.scoring.chunk_candidates,
-        progress=config.progress,
-        log=log,
-    )
+    shared = dict(chunk_candidates=config.scoring.chunk_candidates, progress=config.progress, log=log)
+    if adaptive_mode:
+        rule = adaptive.target_rule(len(candidate_ids), **selection_rule(config))
+        one = adaptive.run_adaptive(
+            engine,
+            prefixes,
+            store,
+            candidate_ids,
+            task_ids,
+            zero_logp,
+            zero_correct,
+            tasks.n_tokens,
+            config.metric,
+            rule,
+            adaptive_config,
+            **shared,
+        )
+    else:
+        completed = scoring.PassStats()
+        if partial:
+            completed = adaptive.complete(engine, prefixes, store, candidate_ids, task_ids, adaptive_config, **shared)
+        one = scoring.run_one_shot(engine, prefixes, store, candidate_ids, task_ids, **shared)
+        for field in ("wall_s", "calls", "pairs", "task_tokens", "scored_tokens", "flops"):
+            setattr(one.stats, field, getattr(one.stats, field) + getattr(completed, field))
     timings["one_shot_s"] = one.stats.wall_s
 
     t0 = time.perf_counter()
@@ -247,13 +286,19 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         "task_ids": np.asarray(task_ids),
     }
     run: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     if _is_main():
         store_lib.write_npz(workdir / "scores.npz", scores)
-        values = metrics_lib.compute_all(scores)
         records = [{**r.raw, "id": r.raw.get("id", r.position)} for r in inputs.pool]
-        select_lib.write_ranking(workdir / "ranking.jsonl", records, values, config.metric)
-        selected = select_lib.select(values[config.metric], **selection_rule(config))
-        select_lib.write_golden(workdir / "golden.json", records, selected, values, config.metric)
+        if adaptive_mode:
+            # Golden set, ranking and intervals from the decisions (scores.npz has NaN for pairs never scored).
+            extra = adaptive.write_outputs(workdir, records, one.decisions, config.metric, adaptive_config, rule)
+            selected = one.decisions.selected
+        else:
+            values = metrics_lib.compute_all(scores)
+            select_lib.write_ranking(workdir / "ranking.jsonl", records, values, config.metric)
+            selected = select_lib.select(values[config.metric], **selection_rule(config))
+            select_lib.write_golden(workdir / "golden.json", records, selected, values, config.metric)
     timings["write_s"] = time.perf_counter() - t0
     total_s = time.perf_counter() - t_start
     passes = [zero_stats, one.stats]
@@ -304,6 +349,8 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         },
         "resumed_candidates": one.resumed_candidates,
         "selection": selection_rule(config),
+        "mode": config.scoring.mode,
+        **extra,  # adaptive: pairs_scored, pairs_exact, compute_fraction, adaptive
         "jax": jax.__version__,
     }
     compiles.close()
