@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             max(len(p) for p in prefixes.ids),
             # No more rows than the smallest round has pairs: empty rows would be timed as work.
             rows=min(args.no_cache_rows, num_tasks * (num_candidates // max(1, min(args.rounds, num_candidates)))),
-            lm_head_tokens=engine_config.lm_head_tokens,
+            lm_head_tokens=engine.config.lm_head_tokens,
             log=log,
         )
         no_cache.warm_up()
@@ -488,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output = {
         "machine": machine,
         "args": vars(args),
-        "engine_config": dataclasses.asdict(engine_config),
+        "engine_config": dataclasses.asdict(engine.config),
         "engine": facts,
         "inputs": summary,
         "matmul_peak": {**peaks, "peak_flops_per_s": peak, "torch": torch_peak},

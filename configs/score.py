@@ -49,10 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # place in the golden set is still undecided (config.adaptive); the golden set from fewer pairs.
     config.scoring.mode = "exact"
     config.scoring.candidates_per_device = 1
-    config.scoring.tokens_per_device = 16384
-    config.scoring.row_length = 0  # 0 = smallest multiple of 64 that holds the longest task
+    config.scoring.tokens_per_device = 0  # 0 = auto: 2048 on CPU, 16384 on GPU/TPU
+    config.scoring.row_length = 0  # 0 = auto (fewest cost-weighted token slots for these tasks)
     config.scoring.max_prefix_buckets = 4
-    config.scoring.lm_head_tokens = 1024
+    config.scoring.lm_head_tokens = 0  # 0 = auto: 128 on CPU, 1024 on GPU/TPU
     config.scoring.attention_rows = 2  # task rows per attention chunk (0 = all rows at once)
     config.scoring.chunk_candidates = 32  # candidates per saved chunk
 

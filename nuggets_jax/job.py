@@ -84,8 +84,8 @@ def validate(config) -> None:
         raise JobError(f"select.top_fraction must be in (0, 1], got {rule['top_fraction']}.")
     if "top_n" in rule and rule["top_n"] < 1:
         raise JobError(f"select.top_n must be at least 1, got {rule['top_n']}.")
-    if config.scoring.candidates_per_device < 1 or config.scoring.tokens_per_device < 1:
-        raise JobError("scoring.candidates_per_device and scoring.tokens_per_device must be positive.")
+    if config.scoring.candidates_per_device < 1 or config.scoring.tokens_per_device < 0:
+        raise JobError("scoring.candidates_per_device must be positive, scoring.tokens_per_device >= 0 (0 = auto).")
     if config.scoring.mode not in ("exact", "adaptive"):
         raise JobError(f"unknown scoring.mode {config.scoring.mode!r}; choose exact or adaptive.")
     if config.scoring.mode == "adaptive":

@@ -30,6 +30,7 @@ from nuggets_jax.packing import (
     auto_row_length,
     bucket_of,
     build_layout,
+    group_shape,
     pack_rows,
     pad_layout,
     prefix_buckets,
@@ -47,19 +48,36 @@ class EngineConfig:
     Attributes:
       candidates_per_device: candidates per device in one call (C = this x devices).
       tokens_per_device: target task tokens per device per call (candidates_per_device x R x L);
-        the rows per call R follow from it.
-      row_length: L, tokens per packed task row; 0 = smallest multiple of 64 holding the longest task.
+        the rows per call R follow from it. 0 = per platform (AUTO_TOKENS_PER_DEVICE).
+      row_length: L, tokens per packed task row; 0 = chosen by `packing.auto_row_length`.
       max_prefix_buckets: prefix widths to compile (padding vs compile count).
-      lm_head_tokens: positions per LM-head chunk per device (bounds the [.., V] logits).
+      lm_head_tokens: positions per LM-head chunk per device (bounds the [.., V] logits);
+        0 = per platform (AUTO_LM_HEAD_TOKENS).
       attention_rows: task rows per attention chunk (0 = all at once); small chunks keep the scores in cache.
     """
 
     candidates_per_device: int = 1
-    tokens_per_device: int = 16384
+    tokens_per_device: int = 0
     row_length: int = 0
     max_prefix_buckets: int = 4
-    lm_head_tokens: int = 1024
+    lm_head_tokens: int = 0
     attention_rows: int = 2
+
+    def for_platform(self, platform: str) -> EngineConfig:
+        """This config with the 0 (auto) sizes filled in for `platform` ("cpu", "gpu", "tpu")."""
+        accel = platform != "cpu"
+        return dataclasses.replace(
+            self,
+            tokens_per_device=self.tokens_per_device or AUTO_TOKENS_PER_DEVICE[accel],
+            lm_head_tokens=self.lm_head_tokens or AUTO_LM_HEAD_TOKENS[accel],
+        )
+
+
+# (CPU, accelerator) defaults. On CPU small calls keep the working set in cache (measured in
+# BENCHMARKS.md: 2048 tokens and 128-position LM-head chunks beat 16384/1024 by ~20% on the 2-core
+# host); on GPU/TPU big calls keep the matrix units busy.
+AUTO_TOKENS_PER_DEVICE = (2048, 16384)
+AUTO_LM_HEAD_TOKENS = (128, 1024)
 
 
 def _encode_program(graphdef, state, tokens, mask) -> PrefixCache:
@@ -143,15 +161,16 @@ class Engine:
           column_sets: optional task subsets (e.g. adaptive rounds) to lay out as well; they share
             one padded shape, so they add one step program per prefix bucket.
         """
-        self.config = config = config or EngineConfig()
-        self.model_config = model.config
         self.mesh = mesh or sharding.make_mesh()
+        self.config = config = (config or EngineConfig()).for_platform(self.mesh.devices.flat[0].platform)
+        self.model_config = model.config
         self.tasks = tasks
         self.num_tasks = len(tasks.ids)
         self.slots = config.candidates_per_device * self.mesh.devices.size  # C, global
         self.local = sharding.local_slots(self.mesh, self.slots)
         max_len = max(len(t) for t in tasks.ids)
-        self.row_length = config.row_length or auto_row_length(max_len)
+        per_call = config.tokens_per_device // config.candidates_per_device
+        self.row_length = config.row_length or auto_row_length([len(t) for t in tasks.ids], per_call)
         if self.row_length < max_len:
             raise ScoringError(
                 f"scoring.row_length={self.row_length} is shorter than the longest task "
@@ -210,9 +229,9 @@ class Engine:
         """Layouts of the column sets, padded to one shape; rows per group sized by the largest set."""
         lengths = [len(t) for t in self.tasks.ids]
         n_rows = max(len(pack_rows([lengths[c] for c in cols], self.row_length)) for cols in column_sets)
-        target = max(1, self.config.tokens_per_device // (self.config.candidates_per_device * self.row_length))
+        per_call = self.config.tokens_per_device // (self.config.candidates_per_device * self.row_length)
         # Balance the rows over the fewest groups that respect tokens_per_device (no mostly-empty group).
-        rows = math.ceil(n_rows / math.ceil(n_rows / target))
+        _, rows = group_shape(n_rows, per_call)
         layouts = [
             build_layout(self.tasks.ids, self.tasks.response_start, cols, self.row_length, rows) for cols in column_sets
         ]

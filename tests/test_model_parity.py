@@ -165,6 +165,17 @@ def test_token_logprobs_and_correct(pair):
     assert expected.any() and not expected.all()
 
 
+def test_correct_breaks_exact_ties_like_argmax(pair):
+    _, ours = pair
+    # Zero hidden states give all-equal logits: argmax (and so `correct`) picks token 0.
+    targets = jnp.asarray([0, 1, 0, VOCAB - 1])
+    logp, correct = jax.jit(lambda h, t: ours.token_logprobs(h, t, chunk=2))(
+        jnp.zeros((4, ours.config.hidden_size)), targets
+    )
+    np.testing.assert_array_equal(np.asarray(correct), [True, False, True, False])
+    np.testing.assert_allclose(np.asarray(logp), -np.log(VOCAB), rtol=1e-6)
+
+
 def test_jit_matches_eager(pair):
     _, ours = pair
     ids = jnp.asarray(_random_ids(4, (2, 12)))

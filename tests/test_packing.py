@@ -62,3 +62,27 @@ def test_prefix_buckets_minimise_padding_exactly():
     assert padding(widths) == best
     assert packing.bucket_of(widths[0], widths) == 0
     assert packing.bucket_of(widths[0] + 1, widths) == 1
+
+
+def test_group_shape_balances_rows_over_fewest_groups():
+    for num_rows, per_call in [(1, 8), (8, 8), (9, 8), (17, 8), (5, 0), (100, 7)]:
+        groups, rows = packing.group_shape(num_rows, per_call)
+        assert groups * rows >= num_rows
+        assert rows <= max(1, per_call)
+        assert groups == -(-num_rows // max(1, per_call))  # no more groups than needed
+        assert groups * (rows - 1) < num_rows  # no group could lose a row
+
+
+def test_auto_row_length_holds_every_task_and_beats_the_tightest_row():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(20, 300, 200).tolist()
+    length = packing.auto_row_length(lengths, tokens_per_call=2048)
+    assert length % 64 == 0 and max(lengths) <= length <= 4 * max(lengths)
+
+    def slots(row_length):
+        groups, rows = packing.group_shape(len(packing.pack_rows(lengths, row_length)), 2048 // row_length)
+        return groups * rows * row_length * (1 + row_length / packing._ATTENTION_LENGTH_SCALE)
+
+    tightest = -(-max(lengths) // 64) * 64
+    assert slots(length) <= slots(tightest)
+    assert all(slots(length) <= slots(other) for other in range(tightest, 4 * max(lengths) + 1, 64))

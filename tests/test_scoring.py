@@ -128,3 +128,12 @@ def test_plan_blocks_moves_leftovers_up():
     # Blocks go up in width: a leftover only ever moves to a wider bucket.
     block_widths = [int(widths[b[b >= 0]].max()) for b in blocks]
     assert block_widths == sorted(block_widths) == [16, 32, 64]
+
+
+def test_engine_config_auto_sizes_per_platform():
+    auto = scoring.EngineConfig()
+    cpu, tpu = auto.for_platform("cpu"), auto.for_platform("tpu")
+    assert cpu.tokens_per_device < tpu.tokens_per_device and cpu.lm_head_tokens < tpu.lm_head_tokens
+    assert min(cpu.tokens_per_device, cpu.lm_head_tokens) > 0
+    fixed = scoring.EngineConfig(tokens_per_device=512, lm_head_tokens=64)
+    assert fixed.for_platform("gpu") == fixed  # explicit sizes are kept

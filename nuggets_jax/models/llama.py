@@ -131,27 +131,33 @@ def _attention(
     row_mask: jax.Array,  # bool, broadcastable to [C, R, L(query), L(key)]
     prefix: tuple[jax.Array, jax.Array, jax.Array] | None,  # k, v [C, P, K, Dh]; mask to [C, R, L, P]
 ) -> jax.Array:
-    """Softmax attention over [prefix keys ++ row keys] in float32; returns [C, R, L, K, G, Dh]."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    """Softmax attention over [prefix keys ++ row keys] in float32; returns [C, R, L, K, G, Dh].
+
+    Everything runs head-major ([.., K, G, L, ..]) so every matmul reads and writes contiguous
+    blocks; the two transposes (queries in, output out) are the only layout changes.
+    """
     f32 = jnp.float32
-    s_row = jnp.einsum("crlkgd,crmkd->crkglm", q, k, preferred_element_type=f32) * scale
+    q = jnp.einsum("crlkgd->crkgld", q) * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    k = jnp.einsum("crmkd->crkmd", k)
+    v = jnp.einsum("crmkd->crkmd", v)
+    s_row = jnp.einsum("crkgld,crkmd->crkglm", q, k, preferred_element_type=f32)
     s_row = jnp.where(row_mask[:, :, None, None], s_row, _MASKED)
     peak = jnp.max(s_row, axis=-1, keepdims=True)
     if prefix is not None:
         kp, vp, prefix_mask = prefix
-        s_pre = jnp.einsum("crlkgd,cpkd->crkglp", q, kp, preferred_element_type=f32) * scale
+        kp, vp = jnp.einsum("cpkd->ckpd", kp), jnp.einsum("cpkd->ckpd", vp)
+        s_pre = jnp.einsum("crkgld,ckpd->crkglp", q, kp, preferred_element_type=f32)
         s_pre = jnp.where(prefix_mask[:, :, None, None], s_pre, _MASKED)
         peak = jnp.maximum(peak, jnp.max(s_pre, axis=-1, keepdims=True))
     e_row = jnp.exp(s_row - peak)
-    denom = jnp.sum(e_row, axis=-1)  # [C, R, K, G, L]
-    out = jnp.einsum("crkglm,crmkd->crlkgd", e_row.astype(v.dtype), v, preferred_element_type=f32)
+    denom = jnp.sum(e_row, axis=-1, keepdims=True)  # [C, R, K, G, L, 1]
+    out = jnp.einsum("crkglm,crkmd->crkgld", e_row.astype(v.dtype), v, preferred_element_type=f32)
     if prefix is not None:
         e_pre = jnp.exp(s_pre - peak)
-        denom = denom + jnp.sum(e_pre, axis=-1)
-        out = out + jnp.einsum("crkglp,cpkd->crlkgd", e_pre.astype(vp.dtype), vp, preferred_element_type=f32)
+        denom = denom + jnp.sum(e_pre, axis=-1, keepdims=True)
+        out = out + jnp.einsum("crkglp,ckpd->crkgld", e_pre.astype(vp.dtype), vp, preferred_element_type=f32)
     # Normalise after the value product: [.., L, Dh] is smaller than the [.., L, P + L] weights.
-    out = out / jnp.moveaxis(denom, -1, 2)[..., None]
-    return out.astype(q.dtype)
+    return jnp.einsum("crkgld->crlkgd", out / denom).astype(q.dtype)
 
 
 def _row_chunked_attention(q, k, v, row_mask, prefix, rows_per_chunk: int) -> jax.Array:
@@ -371,9 +377,19 @@ class Llama(nnx.Module):
         def one(args):
             hc, tc = args
             logits = self.logits(hc)  # [..., chunk, V] float32
-            lse = jax.nn.logsumexp(logits, axis=-1)
+            peak = jnp.max(logits, axis=-1, keepdims=True)
+            lse = peak[..., 0] + jnp.log(jnp.sum(jnp.exp(logits - peak), axis=-1))
             target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-            return target_logit - lse, jnp.argmax(logits, axis=-1) == tc
+            # argmax == target without a (slow, variadic) argmax pass: the target holds the unique
+            # maximum. Only when the maximum is tied does the first index decide, as argmax does.
+            on_top = target_logit >= peak[..., 0]
+            ties = jnp.sum(logits == peak, axis=-1)
+            correct = jax.lax.cond(
+                jnp.any(on_top & (ties > 1)),
+                lambda: jnp.argmax(logits, axis=-1) == tc,
+                lambda: on_top & (ties == 1),
+            )
+            return target_logit - lse, correct
 
         logp, correct = jax.lax.map(one, (hs, ts))
         logp = jnp.moveaxis(logp, 0, -2).reshape(*lead, -1)[..., :m]
