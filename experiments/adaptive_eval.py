@@ -118,12 +118,15 @@ def _number_or_text(value: str) -> int | float | str:
 
 def replay(scores: dict, config) -> list[dict]:
     """Every (metric, golden fraction, setting, confidence), averaged over task permutations."""
-    from nuggets_jax import adaptive, report, select
+    from nuggets_jax import report, select
+    from nuggets_jax.adaptive_config import AdaptiveConfig
+    from nuggets_jax.adaptive_intervals import known_range, per_task_values
+    from nuggets_jax.adaptive_rule import simulate, target_rule
 
     rows = []
     c = scores["one_logp"].shape[0]
     for metric in config.metrics:
-        values = adaptive.per_task_values(
+        values = per_task_values(
             metric,
             scores["one_logp"],
             scores["one_correct"],
@@ -131,16 +134,16 @@ def replay(scores: dict, config) -> list[dict]:
             scores["zero_correct"],
             scores["n_tokens"],
         )
-        known = adaptive.known_range(metric, scores["zero_logp"], scores["zero_correct"], scores["n_tokens"])
+        known = known_range(metric, scores["zero_logp"], scores["zero_correct"], scores["n_tokens"])
         exact = values.mean(axis=1)
         combos = itertools.product(config.fractions, parse_settings(config.settings), config.confidences)
         for fraction, (label, overrides), confidence in combos:
             truth = select.select(exact, top_fraction=fraction)
-            rule = adaptive.target_rule(c, top_fraction=fraction)
+            rule = target_rule(c, top_fraction=fraction)
             recalls, fractions, spearmans = [], [], []
             for seed in range(config.repeats):
                 fields = {**config.adaptive.to_dict(), **overrides, "confidence": confidence, "seed": seed}
-                d = adaptive.simulate(values, rule, adaptive.AdaptiveConfig(**fields), known=known)
+                d = simulate(values, rule, AdaptiveConfig(**fields), known=known)
                 recalls.append(len(np.intersect1d(d.selected, truth)) / len(truth))
                 fractions.append(d.compute_fraction)
                 spearmans.append(report.spearman(d.estimate[d.selected], exact[d.selected]))
@@ -168,7 +171,8 @@ def replay(scores: dict, config) -> list[dict]:
 def real_run(config, workdir: pathlib.Path, pool_path: pathlib.Path, scores: dict, exact_run_json: dict) -> dict:
     """One adaptive setting through the engine; its golden set against the exact one and its real cost."""
     from configs import score
-    from nuggets_jax import adaptive, job, select
+    from nuggets_jax import job, select
+    from nuggets_jax.adaptive_intervals import per_task_values
 
     if "mode" not in score.get_config().scoring:
         raise ValueError(
@@ -202,7 +206,7 @@ def real_run(config, workdir: pathlib.Path, pool_path: pathlib.Path, scores: dic
     else:
         run = job.run_score(cfg, out, log=cli.log)
     golden = json.loads((out / "golden.json").read_text())
-    values = adaptive.per_task_values(
+    values = per_task_values(
         r.metric,
         scores["one_logp"],
         scores["one_correct"],

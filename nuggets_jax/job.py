@@ -89,13 +89,11 @@ def validate(config) -> None:
     if config.scoring.mode not in ("exact", "adaptive"):
         raise JobError(f"unknown scoring.mode {config.scoring.mode!r}; choose exact or adaptive.")
     if config.scoring.mode == "adaptive":
-        from nuggets_jax import adaptive
+        from nuggets_jax.adaptive_config import METRICS, AdaptiveConfig
 
-        if config.metric not in adaptive.METRICS:
-            raise JobError(
-                f"scoring.mode=adaptive supports metric {' | '.join(adaptive.METRICS)}, got {config.metric!r}."
-            )
-        adaptive.AdaptiveConfig.from_mapping(config.adaptive)
+        if config.metric not in METRICS:
+            raise JobError(f"scoring.mode=adaptive supports metric {' | '.join(METRICS)}, got {config.metric!r}.")
+        AdaptiveConfig.from_mapping(config.adaptive)
         ranks_pairs = config.adaptive.panel or config.adaptive.compare == "pairwise"
         if ranks_pairs and config.select.get("threshold") is not None:
             raise JobError(
@@ -227,12 +225,13 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     engine_config = scoring.EngineConfig(
         **{f.name: config.scoring[f.name] for f in dataclasses.fields(scoring.EngineConfig)}
     )
-    from nuggets_jax import adaptive
+    from nuggets_jax import adaptive, adaptive_rule
+    from nuggets_jax.adaptive_config import AdaptiveConfig, round_columns
 
-    adaptive_config = adaptive.AdaptiveConfig.from_mapping(config.adaptive)
+    adaptive_config = AdaptiveConfig.from_mapping(config.adaptive)
     # Round layouts: for an adaptive run, and for completing one (its partial candidates) into an exact run.
     partial = bool(store.names(adaptive.CHUNK_PREFIX))
-    column_sets = adaptive.round_columns(len(tasks.ids), adaptive_config) if adaptive_mode or partial else ()
+    column_sets = round_columns(len(tasks.ids), adaptive_config) if adaptive_mode or partial else ()
     engine = scoring.Engine(
         loaded.model, tasks, scoring.prefix_lengths_of(prefixes), engine_config, log=log, column_sets=column_sets
     )
@@ -251,7 +250,7 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     timings["zero_shot_s"] = zero_stats.wall_s
     shared = dict(chunk_candidates=config.scoring.chunk_candidates, progress=config.progress, log=log)
     if adaptive_mode:
-        rule = adaptive.target_rule(len(candidate_ids), **selection_rule(config))
+        rule = adaptive_rule.target_rule(len(candidate_ids), **selection_rule(config))
         one = adaptive.run_adaptive(
             engine,
             prefixes,

@@ -9,6 +9,9 @@ import pytest
 
 from nuggets_jax import adaptive, metrics, scoring, select, store, synthetic
 from nuggets_jax import data as D
+from nuggets_jax.adaptive_config import METRICS, AdaptiveConfig, AdaptiveError, round_columns, visit_order
+from nuggets_jax.adaptive_intervals import confidence_interval, known_range, normal_interval, per_task_values
+from nuggets_jax.adaptive_rule import ACTIVE, IN, OUT, Rule, simulate, target_rule
 from nuggets_jax.models import load_model
 
 
@@ -26,17 +29,17 @@ def binomial_floor(p, trials, sds=3.0):
 
 
 def test_rounds_partition_a_seeded_permutation():
-    cfg = adaptive.AdaptiveConfig(tasks_per_round=7, seed=3)
-    rounds = adaptive.round_columns(30, cfg)
+    cfg = AdaptiveConfig(tasks_per_round=7, seed=3)
+    rounds = round_columns(30, cfg)
     assert [len(r) for r in rounds] == [7, 7, 7, 7, 2]
     assert sorted(np.concatenate(rounds).tolist()) == list(range(30))
-    again = adaptive.round_columns(30, adaptive.AdaptiveConfig(tasks_per_round=7, seed=3))
-    other = adaptive.round_columns(30, adaptive.AdaptiveConfig(tasks_per_round=7, seed=4))
+    again = round_columns(30, AdaptiveConfig(tasks_per_round=7, seed=3))
+    other = round_columns(30, AdaptiveConfig(tasks_per_round=7, seed=4))
     assert all(np.array_equal(a, b) for a, b in zip(rounds, again, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(rounds, other, strict=True))
 
 
-@pytest.mark.parametrize("metric", adaptive.METRICS)
+@pytest.mark.parametrize("metric", METRICS)
 def test_per_task_values_average_to_the_metric(metric):
     rng = np.random.default_rng(0)
     c, t = 5, 9
@@ -47,7 +50,7 @@ def test_per_task_values_average_to_the_metric(metric):
         "one_logp": -rng.uniform(5, 30, (c, t)).astype(np.float32),
         "one_correct": rng.integers(0, 4, (c, t)),
     }
-    values = adaptive.per_task_values(
+    values = per_task_values(
         metric,
         scores["one_logp"],
         scores["one_correct"],
@@ -56,7 +59,7 @@ def test_per_task_values_average_to_the_metric(metric):
         scores["n_tokens"],
     )
     np.testing.assert_allclose(values.mean(axis=1), metrics.compute_metric(metric, scores), rtol=1e-13, atol=0)
-    low, high = adaptive.known_range(metric, scores["zero_logp"], scores["zero_correct"], scores["n_tokens"])
+    low, high = known_range(metric, scores["zero_logp"], scores["zero_correct"], scores["n_tokens"])
     assert (low is None or values.min() >= low) and (high is None or values.max() <= high)
     assert (low is None) == (high is None) == (metric == "mean_logp_gain")
 
@@ -75,7 +78,7 @@ def test_interval_covers_the_finite_population_mean_at_every_round():
         ever_missed = np.zeros(rows, bool)
         widths = {}
         for n in range(4, t + 1, 4):
-            lower, upper = adaptive.confidence_interval(path[:, :n], t, alpha, 0.0, 1.0, grid=101)
+            lower, upper = confidence_interval(path[:, :n], t, alpha, 0.0, 1.0, grid=101)
             ever_missed |= (mean < lower - 1e-12) | (mean > upper + 1e-12)
             # Never wider than what the range alone allows for the unseen values.
             seen = path[:, :n].sum(axis=1)
@@ -90,8 +93,8 @@ def test_interval_covers_the_finite_population_mean_at_every_round():
 def test_interval_scales_with_the_range():
     rng = np.random.default_rng(2)
     values = rng.uniform(0, 1, (3, 10))
-    lo, hi = adaptive.confidence_interval(values, 30, 0.05, 0.0, 1.0, grid=51)
-    lo2, hi2 = adaptive.confidence_interval(values * 4 - 2, 30, 0.05, -2.0, 2.0, grid=51)
+    lo, hi = confidence_interval(values, 30, 0.05, 0.0, 1.0, grid=51)
+    lo2, hi2 = confidence_interval(values * 4 - 2, 30, 0.05, -2.0, 2.0, grid=51)
     np.testing.assert_allclose(lo2, lo * 4 - 2, atol=1e-9)
     np.testing.assert_allclose(hi2, hi * 4 - 2, atol=1e-9)
 
@@ -121,18 +124,18 @@ def _known_means_matrix(rng, c, t, kind):
 def test_rule_returns_the_true_top_n_at_the_promised_rate(kind, interval, compare):
     rng = np.random.default_rng(len(kind) + 10 * len(interval) + 100 * len(compare))
     c, t, n, reps, confidence = 30, 40, 3, 200, 0.9
-    cfg = adaptive.AdaptiveConfig(
+    cfg = AdaptiveConfig(
         confidence=confidence, tasks_per_round=4, initial_tasks=4, grid=61, interval=interval, compare=compare
     )
-    rule = adaptive.target_rule(c, top_n=n)
+    rule = target_rule(c, top_n=n)
     known = (0.0, 1.0) if kind == "binary" else (None, None)  # continuous: the range is assumed from data
     right, fractions = 0, []
     for rep in range(reps):
         values = _known_means_matrix(rng, c, t, kind)
-        d = adaptive.simulate(values, rule, dataclasses_replace(cfg, seed=rep), known=known)
+        d = simulate(values, rule, dataclasses_replace(cfg, seed=rep), known=known)
         right += set(d.selected.tolist()) == exact_top(values, n)
         fractions.append(d.compute_fraction)
-        assert len(d.selected) == n and (d.status != adaptive.ACTIVE).all()
+        assert len(d.selected) == n and (d.status != ACTIVE).all()
     assert right >= binomial_floor(confidence, reps), f"{right}/{reps}"
     assert np.mean(fractions) < 0.9  # it does skip work on well-spread candidates
 
@@ -144,11 +147,11 @@ def test_normal_interval_coverage_without_replacement():
     path = np.take_along_axis(pop, np.argsort(rng.random((rows, t)), axis=1), axis=1)
     mean = pop.mean(axis=1)
     for n in (15, 30, 45):
-        lower, upper = adaptive.normal_interval(path[:, :n], t, alpha)
+        lower, upper = normal_interval(path[:, :n], t, alpha)
         missed = ((mean < lower) | (mean > upper)).mean()
         assert missed <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / rows), (n, missed)
         assert missed >= alpha / 3, (n, missed)  # not vacuous: it is about as wide as it may be
-    lower, upper = adaptive.normal_interval(path, t, alpha)
+    lower, upper = normal_interval(path, t, alpha)
     np.testing.assert_allclose(lower, mean)
     np.testing.assert_allclose(upper, mean)
 
@@ -158,10 +161,10 @@ def test_panel_and_pairwise_remove_the_shared_task_difficulty():
     rng = np.random.default_rng(8)
     c, t, n = 150, 60, 15
     values = rng.normal(0, 0.1, (c, 1)) + rng.normal(0, 0.5, (1, t)) + rng.normal(0, 0.1, (c, t))
-    rule = adaptive.Rule(top_n=n)
-    cfg = adaptive.AdaptiveConfig(confidence=0.9, tasks_per_round=5, initial_tasks=5, interval="normal")
-    plain = adaptive.simulate(values, rule, cfg, known=(None, None))
-    paired = adaptive.simulate(values, rule, dataclasses_replace(cfg, panel=8), known=(None, None))
+    rule = Rule(top_n=n)
+    cfg = AdaptiveConfig(confidence=0.9, tasks_per_round=5, initial_tasks=5, interval="normal")
+    plain = simulate(values, rule, cfg, known=(None, None))
+    paired = simulate(values, rule, dataclasses_replace(cfg, panel=8), known=(None, None))
     truth = exact_top(values, n)
     assert set(plain.selected.tolist()) == truth and set(paired.selected.tolist()) == truth
     assert paired.compute_fraction < 0.7 * plain.compute_fraction
@@ -170,10 +173,10 @@ def test_panel_and_pairwise_remove_the_shared_task_difficulty():
     assert np.all(paired.lower <= paired.estimate + 1e-9) and np.all(paired.estimate <= paired.upper + 1e-9)
     full = paired.tasks_scored == t
     np.testing.assert_allclose(paired.estimate[full], values[full].mean(axis=1))
-    with pytest.raises(adaptive.AdaptiveError, match="panel"):
-        adaptive.simulate(values, adaptive.Rule(threshold=0.0), dataclasses_replace(cfg, panel=8), known=(None, None))
+    with pytest.raises(AdaptiveError, match="panel"):
+        simulate(values, Rule(threshold=0.0), dataclasses_replace(cfg, panel=8), known=(None, None))
     # Pairwise intervals of differences pair candidates directly (no panel needed) and need fewer tasks still.
-    pairwise = adaptive.simulate(values, rule, dataclasses_replace(cfg, compare="pairwise"), known=(None, None))
+    pairwise = simulate(values, rule, dataclasses_replace(cfg, compare="pairwise"), known=(None, None))
     assert set(pairwise.selected.tolist()) == truth
     assert pairwise.compute_fraction < 0.7 * plain.compute_fraction
 
@@ -188,27 +191,27 @@ def test_threshold_rule_and_top_fraction():
     rng = np.random.default_rng(5)
     c, t = 40, 30
     values = _known_means_matrix(rng, c, t, "binary")
-    cfg = adaptive.AdaptiveConfig(confidence=0.9, tasks_per_round=5, initial_tasks=5, grid=61)
-    d = adaptive.simulate(values, adaptive.Rule(threshold=0.5), cfg)
+    cfg = AdaptiveConfig(confidence=0.9, tasks_per_round=5, initial_tasks=5, grid=61)
+    d = simulate(values, Rule(threshold=0.5), cfg)
     assert set(d.selected.tolist()) == set(np.flatnonzero(values.mean(axis=1) >= 0.5).tolist())
-    rule = adaptive.target_rule(c, top_fraction=0.1)
+    rule = target_rule(c, top_fraction=0.1)
     assert rule.top_n == len(select.select(values.mean(axis=1), top_fraction=0.1)) == 4
 
 
 def test_golden_set_keeps_its_size_when_intervals_fail():
     """At a silly confidence many intervals miss; the rule still returns exactly N, never more in or out."""
     rng = np.random.default_rng(9)
-    cfg = adaptive.AdaptiveConfig(confidence=0.3, union=False, interval="normal", tasks_per_round=2, initial_tasks=2)
+    cfg = AdaptiveConfig(confidence=0.3, union=False, interval="normal", tasks_per_round=2, initial_tasks=2)
     for rep in range(40):
         values = _known_means_matrix(rng, 25, 20, "binary")
-        d = adaptive.simulate(values, adaptive.Rule(top_n=5), dataclasses_replace(cfg, seed=rep))
-        assert len(d.selected) == 5 and (d.status == adaptive.IN).sum() == 5 and (d.status == adaptive.OUT).sum() == 20
+        d = simulate(values, Rule(top_n=5), dataclasses_replace(cfg, seed=rep))
+        assert len(d.selected) == 5 and (d.status == IN).sum() == 5 and (d.status == OUT).sum() == 20
 
 
 def test_ties_at_the_boundary_resolve_by_position_after_all_tasks():
     values = np.tile(np.array([1.0, 0.0, 1.0, 0.0, 1.0, 1.0]), (6, 1))  # six identical candidates
     values[5, :] = 0.0  # one clearly worse
-    d = adaptive.simulate(values, adaptive.Rule(top_n=2), adaptive.AdaptiveConfig(tasks_per_round=2, initial_tasks=2))
+    d = simulate(values, Rule(top_n=2), AdaptiveConfig(tasks_per_round=2, initial_tasks=2))
     assert d.selected.tolist() == [0, 1]  # exact ranking: equal values, lower position first
     assert (d.tasks_scored[:5] == 6).all() and set(d.how[:5]) == {"exact"}
 
@@ -216,18 +219,18 @@ def test_ties_at_the_boundary_resolve_by_position_after_all_tasks():
 def test_decisions_only_read_the_rounds_a_candidate_took_part_in():
     rng = np.random.default_rng(6)
     values = _known_means_matrix(rng, 25, 30, "binary")
-    cfg = adaptive.AdaptiveConfig(confidence=0.8, tasks_per_round=3, initial_tasks=3, grid=61)
-    d = adaptive.simulate(values, adaptive.Rule(top_n=3), cfg)
+    cfg = AdaptiveConfig(confidence=0.8, tasks_per_round=3, initial_tasks=3, grid=61)
+    d = simulate(values, Rule(top_n=3), cfg)
     hidden = values.copy()
-    order = adaptive.visit_order(30, cfg)
+    order = visit_order(30, cfg)
     for i, n in enumerate(d.tasks_scored):
         hidden[i, order[n:]] = np.nan  # what an adaptive run stores
-    d2 = adaptive.simulate(hidden, adaptive.Rule(top_n=3), cfg)
+    d2 = simulate(hidden, Rule(top_n=3), cfg)
     assert np.array_equal(d.selected, d2.selected) and np.array_equal(d.tasks_scored, d2.tasks_scored)
     assert d.compute_fraction < 1.0
-    with pytest.raises(adaptive.AdaptiveError, match="lack scores"):
-        hidden[d.status == adaptive.IN] = np.nan
-        adaptive.simulate(hidden, adaptive.Rule(top_n=3), cfg)
+    with pytest.raises(AdaptiveError, match="lack scores"):
+        hidden[d.status == IN] = np.nan
+        simulate(hidden, Rule(top_n=3), cfg)
 
 
 # -- the round loop through the engine ------------------------------------------------------------
@@ -242,14 +245,14 @@ def setup(tiny_model_dir):
     )
     tasks = D.tokenize_tasks(loaded.tokenizer, task_records, D.Template(), D.TokenPolicy())
     prefixes = D.tokenize_prefixes(loaded.tokenizer, pool, D.Template(), D.TokenPolicy())
-    cfg = adaptive.AdaptiveConfig(confidence=0.5, tasks_per_round=4, initial_tasks=4, grid=61)
+    cfg = AdaptiveConfig(confidence=0.5, tasks_per_round=4, initial_tasks=4, grid=61)
     engine = scoring.Engine(
         loaded.model,
         tasks,
         scoring.prefix_lengths_of(prefixes),
         scoring.EngineConfig(candidates_per_device=1, max_prefix_buckets=2),
         log=lambda m: None,
-        column_sets=adaptive.round_columns(len(tasks.ids), cfg),
+        column_sets=round_columns(len(tasks.ids), cfg),
     )
     zero_logp, zero_correct, _ = engine.zero_shot(prefixes.zero_shot)
     return dict(
@@ -274,7 +277,7 @@ def _run(s, workdir, rule=None, **kw):
         s["task_ids"],
         *s["zero"],
         metric=kw.pop("metric", "win_rate"),
-        rule=rule or adaptive.Rule(top_n=3),
+        rule=rule or Rule(top_n=3),
         config=kw.pop("config", s["cfg"]),
         chunk_candidates=4,
         progress=False,
@@ -289,9 +292,7 @@ def _exact(s, workdir):
     )
 
 
-@pytest.mark.parametrize(
-    "metric, rule", [("win_rate", adaptive.Rule(top_n=3)), ("mean_logp_gain", adaptive.Rule(threshold=-0.5))]
-)
+@pytest.mark.parametrize("metric, rule", [("win_rate", Rule(top_n=3)), ("mean_logp_gain", Rule(threshold=-0.5))])
 def test_adaptive_run_completed_equals_a_direct_exact_run(setup, tmp_path, metric, rule):
     s = setup
     result = _run(s, tmp_path / "a", rule, metric=metric)
@@ -299,14 +300,14 @@ def test_adaptive_run_completed_equals_a_direct_exact_run(setup, tmp_path, metri
     assert d.compute_fraction < 1.0, "the tiny pool should let the rule skip some pairs"
     stored = ~np.isnan(result.one_logp)
     # It stores exactly the pairs the rule saw: each candidate's first tasks_scored tasks in visit order.
-    order = adaptive.visit_order(len(s["task_ids"]), s["cfg"])
+    order = visit_order(len(s["task_ids"]), s["cfg"])
     for i, n in enumerate(d.tasks_scored):
         assert stored[i, order[:n]].all() and not stored[i, order[n:]].any()
     assert result.stats.pairs == d.pairs_scored == stored.sum()
     direct = _exact(s, tmp_path / "exact")
     # The decisions are those of the rule on the exact scores, and the golden set is the exact one.
-    values = adaptive.per_task_values(metric, direct.one_logp, direct.one_correct, *s["zero"])
-    replay = adaptive.simulate(values, rule, s["cfg"], known=adaptive.known_range(metric, *s["zero"]))
+    values = per_task_values(metric, direct.one_logp, direct.one_correct, *s["zero"])
+    replay = simulate(values, rule, s["cfg"], known=known_range(metric, *s["zero"]))
     assert np.array_equal(replay.tasks_scored, d.tasks_scored) and np.array_equal(replay.selected, d.selected)
 
     stats = adaptive.complete(
@@ -358,7 +359,7 @@ def test_outputs(setup, tmp_path):
     s = setup
     result = _run(s, tmp_path)
     d = result.decisions
-    extra = adaptive.write_outputs(tmp_path, s["records"], d, "win_rate", s["cfg"], adaptive.Rule(top_n=3))
+    extra = adaptive.write_outputs(tmp_path, s["records"], d, "win_rate", s["cfg"], Rule(top_n=3))
     assert extra["pairs_scored"] == int(d.tasks_scored.sum())
     assert extra["pairs_exact"] == len(s["ids"]) * len(s["task_ids"])
     assert extra["compute_fraction"] == pytest.approx(extra["pairs_scored"] / extra["pairs_exact"])
@@ -378,7 +379,7 @@ def test_outputs(setup, tmp_path):
 def test_errors(setup, tmp_path):
     s = setup
     plain = types.SimpleNamespace(num_tasks=len(s["task_ids"]), subset_layouts=[])  # an Engine without rounds
-    with pytest.raises(adaptive.AdaptiveError, match="column_sets"):
+    with pytest.raises(AdaptiveError, match="column_sets"):
         adaptive.run_adaptive(
             plain,
             s["prefixes"],
@@ -387,33 +388,31 @@ def test_errors(setup, tmp_path):
             s["task_ids"],
             *s["zero"],
             "win_rate",
-            adaptive.Rule(top_n=2),
+            Rule(top_n=2),
             s["cfg"],
             progress=False,
             log=lambda m: None,
         )
-    with pytest.raises(adaptive.AdaptiveError, match="supports metric"):
+    with pytest.raises(AdaptiveError, match="supports metric"):
         _run(s, tmp_path / "y", metric="mean_ppl_drop")
     _run(s, tmp_path / "z")
     other = dataclasses_replace(s["cfg"], seed=1)
-    with pytest.raises(adaptive.AdaptiveError, match="other task columns"):
-        adaptive.check_store_rounds(store.ScoreStore(tmp_path / "z"), adaptive.round_columns(16, other))
-    with pytest.raises(adaptive.AdaptiveError, match="confidence"):
-        adaptive.AdaptiveConfig(confidence=1.0)
-    with pytest.raises(adaptive.AdaptiveError, match="interval=normal"):
-        adaptive.AdaptiveConfig(compare="pairwise")
-    with pytest.raises(adaptive.AdaptiveError, match="unknown adaptive config"):
-        adaptive.AdaptiveConfig.from_mapping({"confidance": 0.9})
+    with pytest.raises(AdaptiveError, match="other task columns"):
+        adaptive.check_store_rounds(store.ScoreStore(tmp_path / "z"), round_columns(16, other))
+    with pytest.raises(AdaptiveError, match="confidence"):
+        AdaptiveConfig(confidence=1.0)
+    with pytest.raises(AdaptiveError, match="interval=normal"):
+        AdaptiveConfig(compare="pairwise")
+    with pytest.raises(AdaptiveError, match="unknown adaptive config"):
+        AdaptiveConfig.from_mapping({"confidance": 0.9})
 
 
 def test_job_adaptive_mode_then_exact_completion(tiny_model_dir, tmp_path):
-    """The scoring job with scoring.mode=adaptive, then exact on the same workdir (once job.py has the mode)."""
+    """The scoring job with scoring.mode=adaptive, then exact on the same workdir."""
     from configs import score as score_config
     from nuggets_jax import job
 
     config = score_config.get_config()
-    if "mode" not in config.scoring:
-        pytest.skip("configs/score.py has no scoring.mode yet (adaptive mode not wired into the job)")
     (tmp_path / "pool.json").write_text(json.dumps(synthetic.generate_pool(20, seed=5)))
     (tmp_path / "tasks.json").write_text(json.dumps(synthetic.generate_tasks(16, seed=6)))
     config.model.path = str(tiny_model_dir)
