@@ -165,8 +165,11 @@ def test_column_subset_equals_a_separate_run_on_the_subset(swept, tmp_path):
     np.testing.assert_allclose(alone["one_logp"], scores["one_logp"][:, columns], rtol=1e-5, atol=1e-5)
     subset = metrics.compute_all(scores, columns)
     direct = metrics.compute_all(alone)
-    for name in ("mean_logp_gain", "mean_ppl_drop", "token_acc_gain"):
+    for name in ("mean_logp_gain", "token_acc_gain"):
         np.testing.assert_allclose(subset[name], direct[name], rtol=1e-5, atol=1e-5)
+    # A perplexity drop is a difference of two perplexities: its float32 noise scales with them.
+    ppl_scale = np.exp(-alone["zero_logp"] / alone["n_tokens"]).max()
+    np.testing.assert_allclose(subset["mean_ppl_drop"], direct["mean_ppl_drop"], rtol=1e-5, atol=1e-5 * ppl_scale)
     # A win flips only where one-shot and zero-shot log-probs tie within float32 noise.
     margin = np.abs(scores["one_logp"][:, columns] - scores["zero_logp"][columns]).min(axis=1)
     clear = margin > 1e-3
