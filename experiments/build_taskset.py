@@ -23,25 +23,27 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created).", r
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nuggets_jax import data, taskset
+    from nuggets_jax import data, embedding, taskset, taskset_source
 
     config = _CONFIG.value
     with cli.user_errors():
         spec = taskset.TaskSetSpec(config.construction, config.k, config.m, config.seed, config.n_init)
         spec.check()
-        source = taskset.load_source(config.source, config.exclude or None, log=cli.log)
+        source = taskset_source.load_source(config.source, config.exclude or None, log=cli.log)
         template = data.Template(config.data.prompt_no_input, config.data.prompt_with_input)
         if config.max_task_tokens:
-            tokenizer = taskset.load_tokenizer(config.model.path)
+            tokenizer = taskset_source.load_tokenizer(config.model.path)
             eligible = [source.records[i] for i in source.eligible]
-            fits = taskset.prompt_fits(tokenizer, eligible, template, config.max_task_tokens)
-            source = taskset.restrict(source, fits, f"prompt shorter than max_task_tokens={config.max_task_tokens}")
+            fits = taskset_source.prompt_fits(tokenizer, eligible, template, config.max_task_tokens)
+            source = taskset_source.restrict(
+                source, fits, f"prompt shorter than max_task_tokens={config.max_task_tokens}"
+            )
         builder = taskset.TaskSetBuilder(
             source,
             config.model.path,
             config.model.dtype,
             template,
-            taskset.EmbeddingConfig(**config.embedding.to_dict()),
+            embedding.EmbeddingConfig(**config.embedding.to_dict()),
             log=cli.log,
         )
         path = pathlib.Path(_WORKDIR.value).expanduser() / f"{config.name or spec.name}.json"

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from nuggets_jax import data as data_lib
-from nuggets_jax import evaluate, finetune, finetune_data, job, synthetic
+from nuggets_jax import evaluate, finetune, finetune_data, finetune_step, job, synthetic
 from nuggets_jax import plots as plots_lib
 from nuggets_jax import select as select_lib
 from nuggets_jax import store as store_lib
@@ -140,7 +140,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     t_start = time.perf_counter()
     workdir = pathlib.Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
-    train_config = finetune.TrainConfig(**config.train.to_dict())
+    train_config = finetune_step.TrainConfig(**config.train.to_dict())
     train_config.validate()
     sdir = _scoring_run(config, workdir, log)
     score_config = ml_collections.ConfigDict(json.loads((sdir / "config.json").read_text()))
@@ -168,7 +168,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     overlap = sum((r.instruction, r.input) in pool_keys for r in eval_records)
     if overlap:
         log(f"compare: warning: {overlap} eval example(s) repeat a pool example's instruction and input")
-    base_eval_model = finetune.merge_params(loaded.model, nnx.split(loaded.model)[1], train_config.dtype)
+    base_eval_model = finetune_step.merge_params(loaded.model, nnx.split(loaded.model)[1], train_config.dtype)
     evaluator = evaluate.Evaluator(
         base_eval_model, loaded.tokenizer, eval_records, template, config.eval.max_tokens, train_config.bos, log=log
     )

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from nuggets_jax import data as data_lib
-from nuggets_jax import job, sharding, stability, synthetic
+from nuggets_jax import embedding, job, sharding, stability, synthetic
 from nuggets_jax import metrics as metrics_lib
 from nuggets_jax import store as store_lib
 from nuggets_jax import taskset as taskset_lib
+from nuggets_jax import taskset_source as source_lib
 
 # What a sweep may vary: anything else would need a second scoring run.
 SWEEP_KEYS = ("metric", "taskset.construction", "taskset.k", "taskset.m", "taskset.seed", "taskset.n_init")
@@ -77,7 +78,7 @@ def expand(config, overrides: Iterable[Mapping[str, Any]]) -> list[Variant]:
         spec = taskset_lib.TaskSetSpec(**{k.removeprefix("taskset."): v for k, v in values.items() if k != "metric"})
         try:
             spec.check()
-        except taskset_lib.TaskSetError as e:
+        except source_lib.TaskSetError as e:
             raise SweepError(f"sweep item {i} {dict(override)}: {e}") from None
         if values["metric"] not in metrics_lib.METRICS:
             raise SweepError(
@@ -148,7 +149,7 @@ def _resolve_pool(config, score, workdir: pathlib.Path, log) -> tuple[list[data_
         where = "<generated pool: nuggets_jax.synthetic.generate_pool()>"
         records = data_lib.records_from_objects([(f"{where}[{i}]", o) for i, o in enumerate(objects)], where, "pool")
     else:
-        records, skipped = taskset_lib.read_valid_records(pathlib.Path(spec).expanduser(), "pool")
+        records, skipped = source_lib.read_valid_records(pathlib.Path(spec).expanduser(), "pool")
         if skipped and config.pool_sample:
             log(f"{spec}: skipped {len(skipped)} record(s) that cannot be candidates, e.g. {skipped[0]}")
     if config.pool_sample > 0:
@@ -201,18 +202,18 @@ def run_sweep(
         exclude = [*(exclude or []), *extra]
         pool_label += f" + {config.taskset.exclude}"
     try:
-        source = taskset_lib.load_source(source_spec, exclude, exclude_label=pool_label, log=log)
-    except taskset_lib.TaskSetError as e:
+        source = source_lib.load_source(source_spec, exclude, exclude_label=pool_label, log=log)
+    except source_lib.TaskSetError as e:
         raise SweepError(
             f"{e} Sample the candidates (pool_sample=N) so tasks come from the rest of the file."
         ) from None
     template = data_lib.Template(score.data.prompt_no_input, score.data.prompt_with_input)
     policy = job.token_policy(score)
-    tokenizer = taskset_lib.load_tokenizer(score.model.path)
+    tokenizer = source_lib.load_tokenizer(score.model.path)
     eligible = [source.records[i] for i in source.eligible]
-    fits = taskset_lib.prompt_fits(tokenizer, eligible, template, policy.max_task_tokens)
+    fits = source_lib.prompt_fits(tokenizer, eligible, template, policy.max_task_tokens)
     if not fits.all():
-        source = taskset_lib.restrict(
+        source = source_lib.restrict(
             source, fits, f"prompt shorter than score.data.max_task_tokens={policy.max_task_tokens} tokens"
         )
         log(f"task source: {int((~fits).sum())} example(s) left out, their prompt fills the task cut")
@@ -221,7 +222,7 @@ def run_sweep(
         score.model.path,
         score.model.dtype,
         template,
-        taskset_lib.EmbeddingConfig(**config.taskset.embedding.to_dict()),
+        embedding.EmbeddingConfig(**config.taskset.embedding.to_dict()),
         log=log,
     )
 
@@ -355,8 +356,8 @@ def _score_once(score, workdir: pathlib.Path, log) -> tuple[dict[str, np.ndarray
     scoring = workdir / "scoring"
     inputs = {
         "config": json.loads(score.to_json()),
-        "pool_sha256": None if score.data.pool == "default" else taskset_lib.file_sha256(pathlib.Path(score.data.pool)),
-        "tasks_sha256": taskset_lib.file_sha256(pathlib.Path(score.data.tasks)),
+        "pool_sha256": None if score.data.pool == "default" else source_lib.file_sha256(pathlib.Path(score.data.pool)),
+        "tasks_sha256": source_lib.file_sha256(pathlib.Path(score.data.tasks)),
     }
     marker = workdir / "scoring_done.json"
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()

@@ -6,7 +6,8 @@ K-means into K clusters and keep the example nearest each centroid. The random b
 examples of the same sample. A task set is written in the input format (a .json list), each
 record carrying its own fields plus `"taskset": {"pool_id", "cluster", "distance"}`, next to a
 sidecar `<name>.provenance.json` that says exactly how it was built; a sidecar equal to the one a
-request would write means the file can be reused as is.
+request would write means the file can be reused as is. The examples come from a
+`taskset_source.Source` (a file or the generated tasks, minus exclusions and filters).
 
 Determinism: the sample depends only on (eligible pool, M, seed); K-means is seeded; the pick of
 a cluster is its member nearest the centroid, ties going to the earlier example. Random picks are
@@ -28,21 +29,18 @@ import numpy as np
 
 from nuggets_jax import data as data_lib
 from nuggets_jax import store as store_lib
-from nuggets_jax import synthetic
-from nuggets_jax.embedding import (  # noqa: F401  (re-exported: part of building a task set)
+from nuggets_jax.embedding import (
     EMBEDDING,
     EMBEDDING_TEXTS,
     EmbeddingConfig,
-    EmbedStats,
     embed_token_ids,
     embedding_texts,
-    masked_mean,
     tokenize_for_embedding,
 )
+from nuggets_jax.taskset_source import Source, TaskSetError
 
 CONSTRUCTIONS = ("kmeans", "random")
 TASKSET_FIELD = "taskset"
-DEFAULT_SOURCE_SIZE = 1000  # records of the generated source ("default"): enough for M = 1000
 # Sidecar keys that decide whether a saved task set answers a request (the rest is outcome).
 REQUEST_KEYS = (
     "construction",
@@ -64,168 +62,7 @@ REQUEST_KEYS = (
 )
 
 
-class TaskSetError(ValueError):
-    """A task-set request that cannot be built; the message says what to change."""
-
-
-# -- the source of task candidates ----------------------------------------------------------------
-
-
-def content_key(record: data_lib.Record) -> tuple[str, str, str]:
-    """What makes two records the same example (ids and extra fields differ between files)."""
-    return (record.instruction, record.input, record.output)
-
-
-def file_sha256(path: pathlib.Path) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
-
-
-def read_valid_records(path: str | pathlib.Path, role: str = "pool") -> tuple[list[data_lib.Record], list[str]]:
-    """Reads a .json/.jsonl file like `data.read_records`, but skips records that are not valid.
-
-    Public datasets hold the odd record with an empty output; such a record can be neither a task
-    nor a candidate, so sampling skips it instead of refusing the file. A skipped record keeps its
-    place: ids of records without an "id" field are still their position in the file.
-
-    Returns:
-      (valid records, one message per skipped record).
-
-    Raises:
-      DataError: the file itself cannot be read (missing, not UTF-8, not JSON), or duplicate ids.
-    """
-    path = pathlib.Path(path)
-    try:
-        return data_lib.read_records(path, role), []
-    except data_lib.DataError:
-        pass
-    text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-    if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
-        objects = [(f"{path}:{n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        objects = [(where, json.loads(line)) for where, line in objects]
-    else:
-        objects = [(f"{path}[{i}]", o) for i, o in enumerate(json.loads(text))]
-    valid, skipped = [], []
-    for position, (where, obj) in enumerate(objects):
-        try:
-            (record,) = data_lib.records_from_objects([(where, obj)], str(path), role)
-        except data_lib.DataError as e:
-            skipped.append(str(e))
-            continue
-        record_id = record.id if isinstance(obj, dict) and "id" in obj else str(position)
-        valid.append(dataclasses.replace(record, id=record_id, position=position))
-    if not valid:
-        raise data_lib.DataError(f"{path}: no valid record ({skipped[0]}).")
-    seen: set[str] = set()
-    for record in valid:
-        if record.id in seen:
-            raise data_lib.DataError(f"{path}: duplicate id {record.id!r}; ids must be unique within a file.")
-        seen.add(record.id)
-    return valid, skipped
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """The examples task sets are drawn from.
-
-    Attributes:
-      records: every record of the source file.
-      path: the file (or a description of the generated source).
-      sha256: digest of the file bytes (of the JSON of a generated source).
-      eligible: [E] sorted indices into `records` that may be drawn (not excluded).
-      exclude: {"path", "sha256", "removed"} of the exclusion, or None.
-      filters: descriptions of further restrictions of `eligible` (see `restrict`).
-    """
-
-    records: list[data_lib.Record]
-    path: str
-    sha256: str
-    eligible: np.ndarray
-    exclude: dict[str, Any] | None = None
-    filters: tuple[str, ...] = ()
-
-
-def restrict(source: Source, keep: np.ndarray, description: str) -> Source:
-    """The source with only the eligible records where `keep` [E] is true; `description` goes
-    into the provenance of every task set drawn from it."""
-    keep = np.asarray(keep, bool)
-    if keep.shape != source.eligible.shape:
-        raise ValueError(f"keep has shape {keep.shape}, expected one entry per eligible record {source.eligible.shape}")
-    if not keep.any():
-        raise TaskSetError(f"{source.path}: no record is left after: {description}.")
-    removed = int((~keep).sum())
-    return dataclasses.replace(
-        source, eligible=source.eligible[keep], filters=(*source.filters, f"{description} (removed {removed})")
-    )
-
-
-def load_tokenizer(model_path: str):
-    """The tokenizer of a model (see `models.resolve_model_dir`), without loading its weights."""
-    import transformers
-
-    from nuggets_jax import models
-
-    return transformers.AutoTokenizer.from_pretrained(str(models.resolve_model_dir(model_path)))
-
-
-def prompt_fits(
-    tokenizer, records: Sequence[data_lib.Record], template: data_lib.Template, max_task_tokens: int
-) -> np.ndarray:
-    """[N] bool: the record's prompt leaves at least one response token within `max_task_tokens`.
-
-    A task whose prompt alone fills the cut has nothing to score, so the scoring job would refuse it.
-    """
-    prompts = tokenizer([template.prompt(r) for r in records], add_special_tokens=False)["input_ids"]
-    return np.asarray([len(p) < max_task_tokens for p in prompts], bool)
-
-
-def load_source(
-    spec: str,
-    exclude: str | pathlib.Path | Sequence[data_lib.Record] | None = None,
-    exclude_label: str | None = None,
-    log: Callable[[str], None] = print,
-) -> Source:
-    """Reads the source of task candidates and removes the excluded examples.
-
-    Args:
-      spec: a .json/.jsonl file, or "default" for `DEFAULT_SOURCE_SIZE` generated held-out tasks
-        (`nuggets_jax.synthetic.generate_tasks`, which never share a question with a generated pool).
-      exclude: records (or a file of them) that must not be drawn, matched by content
-        (instruction, input, output), e.g. the candidate pool a sweep scores; None or "" = none.
-      exclude_label: how the provenance names `exclude` when it is a list of records.
-      log: where to say how many invalid records were skipped.
-
-    Raises:
-      DataError / TaskSetError: unreadable files, or nothing left to draw from.
-    """
-    if spec == "default":
-        objects = synthetic.generate_tasks(DEFAULT_SOURCE_SIZE)
-        path = f"<generated tasks: nuggets_jax.synthetic.generate_tasks({DEFAULT_SOURCE_SIZE})>"
-        records = data_lib.records_from_objects([(f"{path}[{i}]", o) for i, o in enumerate(objects)], path, "tasks")
-        digest = hashlib.sha256(json.dumps(objects, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    else:
-        file = pathlib.Path(spec).expanduser()
-        records, skipped = read_valid_records(file, "taskset.source")
-        path, digest = str(file), file_sha256(file)
-        if skipped:
-            log(f"{path}: skipped {len(skipped)} record(s) that cannot be tasks, e.g. {skipped[0]}")
-    eligible = np.arange(len(records))
-    info = None
-    if exclude is not None and not (isinstance(exclude, str) and not exclude):
-        if isinstance(exclude, str | pathlib.Path):
-            file = pathlib.Path(exclude).expanduser()
-            excluded = data_lib.read_records(file, "taskset.exclude")
-            label, excluded_digest = str(file), file_sha256(file)
-        else:
-            excluded = list(exclude)
-            label = exclude_label or "<records>"
-            keys = sorted(content_key(r) for r in excluded)
-            excluded_digest = hashlib.sha256(json.dumps(keys, ensure_ascii=False).encode()).hexdigest()
-        banned = {content_key(r) for r in excluded}
-        eligible = np.asarray([i for i, r in enumerate(records) if content_key(r) not in banned], np.int64)
-        info = {"path": label, "sha256": excluded_digest, "removed": int(len(records) - len(eligible))}
-    if len(eligible) == 0:
-        raise TaskSetError(f"{path}: every record is excluded ({info}); draw task sets from another source.")
-    return Source(records, path, digest, eligible, info)
+# -- picking K examples of a sample ---------------------------------------------------------------
 
 
 def sample_indices(num_eligible: int, m: int, seed: int) -> np.ndarray:

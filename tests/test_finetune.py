@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nuggets_jax import checkpoint, data, finetune, finetune_data, models
+from nuggets_jax import checkpoint, data, finetune, finetune_data, finetune_step, models
 from nuggets_jax.models.params import load_params
 
 OBJECTS = [
@@ -35,7 +35,7 @@ def _logits(graphdef, state, tokens):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _loss(graphdef, state, micro, normalizer):
-    return finetune.response_loss(nnx.merge(graphdef, state), micro, normalizer, 16)
+    return finetune_step.response_loss(nnx.merge(graphdef, state), micro, normalizer, 16)
 
 
 def logits_of(model, tokens) -> np.ndarray:
@@ -155,7 +155,7 @@ def test_gradient_accumulation_equals_one_batch_of_k_times_the_size(tiny, exampl
     two = finetune_data.make_batch(examples, [ROWS[:3], ROWS[3:]], batch_rows=3, row_length=64)  # [2, 3, L]
     assert one.response_tokens == two.response_tokens
     graphdef, params = nnx.split(tiny.model)
-    grads_of = jax.jit(lambda p, b, z: finetune.step_gradients(graphdef, 16, jnp.float32, p, b, z))
+    grads_of = jax.jit(lambda p, b, z: finetune_step.step_gradients(graphdef, 16, jnp.float32, p, b, z))
 
     def arrays(batch):
         return {f: jnp.asarray(getattr(batch, f)) for f in ("tokens", "positions", "segment_ids", "targets", "weights")}
@@ -170,8 +170,8 @@ def test_gradient_accumulation_equals_one_batch_of_k_times_the_size(tiny, exampl
 
 
 def test_learning_rate_schedule_is_linear_warmup_then_cosine():
-    config = finetune.TrainConfig(steps=12, warmup_steps=3, learning_rate=1e-3, end_learning_rate=0.1)
-    schedule = finetune.learning_rate_schedule(config)
+    config = finetune_step.TrainConfig(steps=12, warmup_steps=3, learning_rate=1e-3, end_learning_rate=0.1)
+    schedule = finetune_step.learning_rate_schedule(config)
     for count in range(12):
         if count < 3:
             want = 1e-3 * (count + 1) / 3
@@ -182,7 +182,7 @@ def test_learning_rate_schedule_is_linear_warmup_then_cosine():
     assert float(schedule(11)) == pytest.approx(1e-4, rel=1e-5)
 
 
-TRAIN = finetune.TrainConfig(
+TRAIN = finetune_step.TrainConfig(
     steps=4, batch_rows=8, learning_rate=1e-2, warmup_steps=1, checkpoint_every=2, keep_checkpoints=3, seed=1
 )
 
@@ -202,14 +202,14 @@ def _all_examples_loss(model, examples) -> float:
 
 def test_loss_decreases_on_a_tiny_dataset(tiny, examples, straight):
     before = _all_examples_loss(tiny.model, examples)
-    after = _all_examples_loss(finetune.merge_params(tiny.model, straight.params), examples)
+    after = _all_examples_loss(finetune_step.merge_params(tiny.model, straight.params), examples)
     assert after < 0.8 * before
     assert [e["step"] for e in straight.log] == [1, 2, 3, 4]
 
 
 def test_checkpoint_loads_back_with_the_same_logits(tiny, tiny_model_dir, examples, straight):
     tokens = examples.ids[1][None]
-    trained = logits_of(finetune.merge_params(tiny.model, straight.params), tokens)
+    trained = logits_of(finetune_step.merge_params(tiny.model, straight.params), tokens)
     np.testing.assert_array_equal(logits_of(load_params(straight.final_checkpoint), tokens), trained)
     # A HF directory with the tokenizer: load_model takes it as it is.
     again = models.load_model(str(straight.final_checkpoint))
@@ -246,11 +246,11 @@ def test_resume_after_a_kill_continues_the_same_schedule(tiny, examples, straigh
 
     # A changed setting is refused (before anything is compiled or overwritten).
     changed = dataclasses.replace(TRAIN, learning_rate=2e-2)
-    with pytest.raises(finetune.FinetuneError, match="different run"):
+    with pytest.raises(finetune_data.FinetuneError, match="different run"):
         finetune.train(tiny.model, examples, changed, tmp_path, tiny.hf_config, progress=False)
 
 
 def test_bad_batch_rows_is_refused_with_the_fix(tiny, examples, tmp_path):
-    config = finetune.TrainConfig(steps=1, batch_rows=6)
-    with pytest.raises(finetune.FinetuneError, match="multiple of the 8 devices; use 8"):
+    config = finetune_step.TrainConfig(steps=1, batch_rows=6)
+    with pytest.raises(finetune_data.FinetuneError, match="multiple of the 8 devices; use 8"):
         finetune.train(tiny.model, examples, config, tmp_path, tiny.hf_config, progress=False)

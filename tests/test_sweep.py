@@ -13,7 +13,7 @@ from scipy import stats
 
 from configs import score as score_config
 from configs import sweep_tasksets
-from nuggets_jax import job, metrics, synthetic, taskset
+from nuggets_jax import embedding, job, metrics, synthetic
 from nuggets_jax import sweep as sweep_lib
 from tests.conftest import REPO
 
@@ -207,4 +207,4 @@ def test_sweep_cli_refuses_an_override_that_needs_rescoring(tmp_path):
 def test_score_config_is_the_scoring_config():
     # The sweep embeds configs/score.py, so every scoring field is there to override.
     assert sweep_tasksets.get_config().score.to_dict() == score_config.get_config().to_dict() | {"report": True}
-    assert taskset.EmbeddingConfig(**sweep_tasksets.get_config().taskset.embedding.to_dict())
+    assert embedding.EmbeddingConfig(**sweep_tasksets.get_config().taskset.embedding.to_dict())

@@ -143,7 +143,7 @@ def test_held_out_questions_are_disjoint_in_every_phrasing():
     # The construction itself: every phrasing of every held-out question against every phrasing of
     # every pool question, so no pair of seeds or sizes can collide.
     texts = {True: set(), False: set()}
-    for family in synthetic._families():
+    for family in synthetic.families():
         for held_out in (True, False):
             for question in synthetic._split_questions(family, held_out):
                 for phrasing in range(family.num_phrasings):

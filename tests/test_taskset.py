@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from sklearn.cluster import KMeans
 
-from nuggets_jax import data, models, synthetic, taskset
+from nuggets_jax import data, embedding, models, synthetic, taskset, taskset_source
 from tests.conftest import REPO
 
 
@@ -24,8 +24,8 @@ def tiny(tiny_model_dir):
 
 def _ids(loaded, n=7):
     records = data.records_from_objects([(str(i), o) for i, o in enumerate(synthetic.generate_tasks(n))], "t", "tasks")
-    texts = taskset.embedding_texts(records, data.Template())
-    return taskset.tokenize_for_embedding(loaded.tokenizer, texts, 256)
+    texts = embedding.embedding_texts(records, data.Template())
+    return embedding.tokenize_for_embedding(loaded.tokenizer, texts, 256)
 
 
 def test_masked_mean_ignores_padding_values():
@@ -34,7 +34,7 @@ def test_masked_mean_ignores_padding_values():
     mask = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
     spoiled = h.copy()
     spoiled[~mask] = 1e6  # padding positions hold garbage
-    got = np.asarray(taskset.masked_mean(jnp.asarray(spoiled), jnp.asarray(mask)))
+    got = np.asarray(embedding.masked_mean(jnp.asarray(spoiled), jnp.asarray(mask)))
     np.testing.assert_allclose(got[0], h[0, :3].mean(0), rtol=1e-6)
     np.testing.assert_allclose(got[1], h[1, 0], rtol=1e-6)
 
@@ -47,13 +47,13 @@ def test_embedding_equals_unpadded_mean_for_any_batch(tiny):
     graphdef, state = nnx.split(tiny.model)
     plain_mean = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).hidden(tokens).mean(1))
     alone = np.concatenate([np.asarray(plain_mean(state, jnp.asarray(t)[None])) for t in ids])
-    together, stats = taskset.embed_token_ids(tiny.model, ids, batch_tokens=4096, max_buckets=2)
+    together, stats = embedding.embed_token_ids(tiny.model, ids, batch_tokens=4096, max_buckets=2)
     assert stats.padded_tokens > stats.tokens  # padding was really there
     np.testing.assert_allclose(together, alone, atol=1e-5, rtol=1e-5)
     # A different batch composition: more right padding (one bucket), other sequences, another order.
     extra = _ids(tiny, 12)[9:]
     mixed_ids = [*extra[:2], *ids[::-1], *extra[2:]]
-    mixed, stats = taskset.embed_token_ids(tiny.model, mixed_ids, batch_tokens=4096, max_buckets=1)
+    mixed, stats = embedding.embed_token_ids(tiny.model, mixed_ids, batch_tokens=4096, max_buckets=1)
     assert stats.programs == 1
     np.testing.assert_allclose(mixed[2 : 2 + len(ids)][::-1], alone, atol=1e-5, rtol=1e-5)
 
@@ -102,7 +102,7 @@ def test_random_picks_deterministic_distinct_nested():
     assert len(set(a.tolist())) == 10 and a.min() >= 0 and a.max() < 50
     np.testing.assert_array_equal(taskset.random_picks(50, 5, seed=4), a[:5])
     assert not np.array_equal(a, taskset.random_picks(50, 10, seed=5))
-    with pytest.raises(taskset.TaskSetError, match="between 1 and"):
+    with pytest.raises(taskset_source.TaskSetError, match="between 1 and"):
         taskset.random_picks(5, 6, seed=0)
 
 
@@ -122,10 +122,10 @@ def test_read_valid_records_skips_bad_records_and_keeps_positions(tmp_path):
     ]
     path = tmp_path / "src.json"
     path.write_text(json.dumps(objects))
-    records, skipped = taskset.read_valid_records(path)
+    records, skipped = taskset_source.read_valid_records(path)
     assert [r.id for r in records] == ["0", "2"] and [r.position for r in records] == [0, 2]
     assert len(skipped) == 1 and "[1]" in skipped[0] and '"output" is empty' in skipped[0]
-    source = taskset.load_source(str(path), exclude=[records[0]], log=lambda m: None)
+    source = taskset_source.load_source(str(path), exclude=[records[0]], log=lambda m: None)
     assert source.eligible.tolist() == [1] and source.exclude["removed"] == 1
 
 
@@ -135,15 +135,15 @@ def test_exclusion_by_content(tmp_path):
     path.write_text(json.dumps(objects))
     banned = [dict(o, id=f"other-{i}") for i, o in enumerate(objects[:15])]  # same examples, other ids
     (tmp_path / "pool.json").write_text(json.dumps(banned))
-    source = taskset.load_source(str(path), exclude=str(tmp_path / "pool.json"))
+    source = taskset_source.load_source(str(path), exclude=str(tmp_path / "pool.json"))
     keys = {(o["instruction"], o["input"], o["output"]) for o in banned}
     drawn = [source.records[i] for i in source.eligible]
-    assert drawn and not any(taskset.content_key(r) in keys for r in drawn)
+    assert drawn and not any(taskset_source.content_key(r) in keys for r in drawn)
     assert source.exclude["removed"] == sum((o["instruction"], o["input"], o["output"]) in keys for o in objects)
 
 
 def test_builder_kmeans_and_random(tmp_path, tiny_model_dir):
-    source = taskset.load_source("default")
+    source = taskset_source.load_source("default")
     builder = taskset.TaskSetBuilder(source, str(tiny_model_dir), log=lambda m: None)
     spec = taskset.TaskSetSpec("kmeans", k=4, m=24, seed=1, n_init=2)
     built = builder.build(spec)
@@ -190,7 +190,7 @@ def test_build_taskset_cli_writes_provenance_and_reuses(tmp_path, tiny_model_dir
     assert first.returncode == 0, first.stderr[-2000:]
     path = tmp_path / "kmeans_k5_m50_s0.json"
     items = json.loads(path.read_text())
-    source = {o["id"]: o for o in synthetic.generate_tasks(taskset.DEFAULT_SOURCE_SIZE)}
+    source = {o["id"]: o for o in synthetic.generate_tasks(taskset_source.DEFAULT_SOURCE_SIZE)}
     assert len(items) == 5
     for item in items:
         assert {k: v for k, v in item.items() if k != "taskset"} == source[item["taskset"]["pool_id"]]
@@ -207,14 +207,14 @@ def test_build_taskset_cli_writes_provenance_and_reuses(tmp_path, tiny_model_dir
 
 
 def test_prompt_filter_restricts_the_source_and_enters_the_provenance(tiny):
-    source = taskset.load_source("default")
+    source = taskset_source.load_source("default")
     template = data.Template()
     eligible = [source.records[i] for i in source.eligible]
     prompts = [len(tiny.tokenizer(template.prompt(r), add_special_tokens=False)["input_ids"]) for r in eligible]
     limit = int(np.median(prompts))
-    fits = taskset.prompt_fits(tiny.tokenizer, eligible, template, limit)
+    fits = taskset_source.prompt_fits(tiny.tokenizer, eligible, template, limit)
     np.testing.assert_array_equal(fits, np.asarray(prompts) < limit)
-    restricted = taskset.restrict(source, fits, f"prompt shorter than {limit}")
+    restricted = taskset_source.restrict(source, fits, f"prompt shorter than {limit}")
     assert len(restricted.eligible) == int(fits.sum()) < len(source.eligible)
     assert restricted.filters == (f"prompt shorter than {limit} (removed {int((~fits).sum())})",)
     builder = taskset.TaskSetBuilder(restricted, "unused", log=lambda m: None)
@@ -224,5 +224,5 @@ def test_prompt_filter_restricts_the_source_and_enters_the_provenance(tiny):
         prompt = template.prompt(by_id[item["taskset"]["pool_id"]])
         assert len(tiny.tokenizer(prompt, add_special_tokens=False)["input_ids"]) < limit
     assert built.provenance["filters"] == list(restricted.filters)
-    with pytest.raises(taskset.TaskSetError, match="no record is left"):
-        taskset.restrict(source, np.zeros(len(source.eligible), bool), "nothing")
+    with pytest.raises(taskset_source.TaskSetError, match="no record is left"):
+        taskset_source.restrict(source, np.zeros(len(source.eligible), bool), "nothing")
