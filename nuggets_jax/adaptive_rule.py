@@ -288,7 +288,7 @@ def _pairwise_status(
     """[C] IN / OUT / ACTIVE from intervals of differences of candidates' metrics (paired, normal).
 
     Out: at least N of the 2N leaders (best estimates not out) are surely above. In: a leader that
-    at most N - 1 others could be above.
+    at most N - 1 others not out could be above (one already out cannot be above a top-N member).
     """
     undecided = np.flatnonzero(status == ACTIVE)
     estimate = np.full(len(status), -np.inf)
@@ -301,7 +301,7 @@ def _pairwise_status(
     above = count_above(values, order, seen, undecided, leaders, alpha, t, surely=True)
     new[undecided[above >= n]] = OUT
     heads = np.intersect1d(undecided, leaders)
-    could = count_above(values, order, seen, heads, np.arange(len(status)), alpha, t, surely=False)
+    could = count_above(values, order, seen, heads, contenders, alpha, t, surely=False)
     new[heads[could <= n - 1]] = IN
     return new
 
