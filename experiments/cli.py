@@ -4,7 +4,7 @@ import contextlib
 import os
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 
 _in_main = False
 
@@ -29,9 +29,33 @@ def user_errors():
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OSError as e:
+        # ml_collections defers a config file it could not load to the first use of the config.
+        if os.environ.get("NUGGETS_DEBUG") or "Configuration is not available" not in str(e):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"error: cannot load the config file {lines[2] if len(lines) > 2 else ''}: {lines[-1]}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: finished chunks are saved; rerun the same command to resume.", file=sys.stderr)
         sys.exit(130)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag (or config file argument) reported in one line (exit 2).
+
+    ml_collections puts the config file's whole traceback into the error; its last line is the
+    message meant for the user.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        if os.environ.get("NUGGETS_DEBUG"):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        message = lines[0] if len(lines) == 1 else f"{lines[0].rsplit(': ', 1)[0]}: {lines[-1]}"
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def run(main) -> None:
@@ -45,7 +69,7 @@ def run(main) -> None:
         main(argv)
 
     try:
-        app.run(wrapped)
+        app.run(wrapped, flags_parser=_parse_flags)
     except (AttributeError, KeyError) as e:
         if _in_main or os.environ.get("NUGGETS_DEBUG"):
             raise

@@ -435,3 +435,19 @@ def test_job_adaptive_mode_then_exact_completion(tiny_model_dir, tmp_path):
     assert run["one_shot"]["pairs"] == 320 - int(np.sum([r["tasks_scored"] for r in rows]))  # only what was missing
     with np.load(workdir / "scores.npz") as z:
         assert np.isfinite(z["one_logp"]).all()
+
+
+def test_config_arguments_select_the_adaptive_mode():
+    from configs import score as score_config
+    from nuggets_jax import job
+
+    assert score_config.get_config().scoring.mode == "exact"
+    for name in ("safe", "fast"):
+        config = score_config.get_config(f"adaptive={name}")
+        assert config.scoring.mode == "adaptive"
+        config.metric = "mean_logp_gain"
+        job.validate(config)  # a consistent configuration
+    fast = score_config.get_config("adaptive=fast").adaptive
+    assert (fast.interval, fast.union, fast.compare) == ("normal", False, "pairwise")
+    with pytest.raises(ValueError, match="adaptive=safe or adaptive=fast"):
+        score_config.get_config("adaptive=quick")

@@ -156,6 +156,21 @@ def test_bad_config_gives_one_clear_line(tmp_path, tiny_model_dir, inputs, extra
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("config_flag", "message"),
+    [
+        ("--config=configs/score.py:adaptive=quick", "unknown adaptive='quick'; use adaptive=safe or adaptive=fast"),
+        ("--config=configs/score.py:runlokal", "unknown config argument 'runlokal'; this config takes:"),
+        ("--config=configs/no_such.py", "cannot load the config file configs/no_such.py"),
+    ],
+)
+def test_bad_config_file_argument_gives_one_clear_line(tmp_path, config_flag, message):
+    proc = run([sys.executable, "-m", "experiments.score", config_flag, f"--workdir={tmp_path / 'w'}"], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
+
+
 def test_workdir_that_cannot_be_created(tmp_path, tiny_model_dir, inputs):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
