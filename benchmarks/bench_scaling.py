@@ -61,7 +61,7 @@ def _worker(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any]:
     if os.environ.get("JAX_NUM_CPU_DEVICES"):
         jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
     from benchmarks.bench_scoring import _engine_config
-    from nuggets_jax import scoring
+    from nuggets_jax import one_shot, scoring
     from nuggets_jax.models import load_model
     from nuggets_jax.store import ScoreStore
 
@@ -82,7 +82,7 @@ def _worker(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any]:
     task_ids = [r.id for r in inputs.tasks]
     with tempfile.TemporaryDirectory(prefix="bench_scaling_") as workdir:
         zero_logp, _, _ = engine.zero_shot(prefixes.zero_shot)
-        scoring.run_one_shot(
+        one_shot.run_one_shot(
             engine,
             common.subset_prefixes(prefixes, [0]),
             ScoreStore(pathlib.Path(workdir) / "warm"),
@@ -94,7 +94,7 @@ def _worker(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any]:
         rss_warm = common.current_rss_bytes()
         peak_warm = common.peak_rss_bytes()
         with compiles:
-            result = scoring.run_one_shot(
+            result = one_shot.run_one_shot(
                 engine, prefixes, ScoreStore(pathlib.Path(workdir) / "run"), ids, task_ids, progress=False, log=log
             )
     rss_end = common.current_rss_bytes()

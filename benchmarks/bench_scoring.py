@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     common.set_xla_flags(args.xla_flags)
     import jax
 
-    from nuggets_jax import scoring
+    from nuggets_jax import one_shot, scoring
     from nuggets_jax.models import load_model
     from nuggets_jax.store import ScoreStore
 
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     warm_start = time.perf_counter()
     with compiles:
         engine.zero_shot(prefixes.zero_shot)
-        scoring.run_one_shot(
+        one_shot.run_one_shot(
             engine,
             common.subset_prefixes(prefixes, [0]),
             ScoreStore(pathlib.Path(workdir.name) / "warm_up"),
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             "wall_s": zero_stats.wall_s,
                             "flops": engine.pair_flops(len(prefixes.zero_shot)),
                         }
-                    result = scoring.run_one_shot(
+                    result = one_shot.run_one_shot(
                         engine,
                         common.subset_prefixes(prefixes, members),
                         ScoreStore(pathlib.Path(workdir.name) / f"round_{r}"),

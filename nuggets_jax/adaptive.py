@@ -22,7 +22,7 @@ Scores are stored as chunks "adaptive-r{round:03d}-{seq:06d}" (candidates [n], c
 one_logp [n, k], one_correct [n, k]) through the run's ScoreStore; the decisions are a
 deterministic function of the stored scores, so a rerun replays them and continues where it
 stopped, and `complete` later scores exactly the missing rounds so that an exact run
-(`scoring.run_one_shot`) finds nothing left to do.
+(`one_shot.run_one_shot`) finds nothing left to do.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from nuggets_jax import scoring
+from nuggets_jax import one_shot, scoring
 from nuggets_jax import select as select_lib
 from nuggets_jax import store as store_lib
 from nuggets_jax.adaptive_config import AdaptiveConfig, AdaptiveError, round_columns
@@ -50,7 +50,7 @@ CHUNK_PREFIX = "adaptive-r"
 
 @dataclasses.dataclass
 class AdaptiveResult:
-    """What `run_adaptive` returns; the first four fields mirror scoring.OneShotResult."""
+    """What `run_adaptive` returns; the first four fields mirror one_shot.OneShotResult."""
 
     one_logp: np.ndarray  # [C, T] float32, NaN = not scored
     one_correct: np.ndarray  # [C, T] int32, 0 where not scored
@@ -127,7 +127,7 @@ class _RoundScorer:
         t0 = time.perf_counter()
         # Same block plan as the exact run: by prefix bucket, then position.
         ordered = candidates[np.lexsort((candidates, self.widths[candidates]))]
-        blocks = scoring.plan_blocks([int(i) for i in ordered], self.widths, engine.buckets, engine.slots)
+        blocks = one_shot.plan_blocks([int(i) for i in ordered], self.widths, engine.buckets, engine.slots)
         row_of = {int(c): i for i, c in enumerate(candidates)}
         logp = np.full((len(candidates), len(cols)), np.nan, np.float32)
         correct = np.zeros((len(candidates), len(cols)), np.int32)
@@ -150,7 +150,7 @@ class _RoundScorer:
             mine = block[engine.local]
             real = mine >= 0
             block_logp, block_correct = block_logp[real][:, cols], block_correct[real][:, cols]  # [n, k]
-            scoring.check_finite(
+            one_shot.check_finite(
                 block_logp, [self.candidate_ids[i] for i in mine[real]], [self.task_ids[c] for c in cols]
             )
             rows.append((mine[real], block_logp, block_correct))
@@ -285,7 +285,7 @@ def complete(
 ) -> scoring.PassStats:
     """Scores every partially scored candidate on exactly its missing rounds (saved as round chunks).
 
-    Afterwards each such candidate has every task column, so `scoring.run_one_shot` only scores
+    Afterwards each such candidate has every task column, so `one_shot.run_one_shot` only scores
     candidates the store does not hold at all; nothing stored is computed again.
 
     Args:

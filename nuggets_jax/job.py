@@ -183,7 +183,7 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     sharding.initialize(sharding.DistributedConfig(**config.distributed.to_dict()))
     import jax
 
-    from nuggets_jax import models, scoring
+    from nuggets_jax import models, one_shot, scoring
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -245,7 +245,7 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         zero_logp, zero_correct, zero_stats = zero["zero_logp"], zero["zero_correct"], scoring.PassStats()
     else:
         zero_logp, zero_correct, zero_stats = engine.zero_shot(prefixes.zero_shot)
-        scoring.check_finite(zero_logp[None], ["<zero-shot>"], task_ids)
+        one_shot.check_finite(zero_logp[None], ["<zero-shot>"], task_ids)
         store.write("zero", zero_logp=zero_logp, zero_correct=zero_correct)
     timings["zero_shot_s"] = zero_stats.wall_s
     shared = dict(chunk_candidates=config.scoring.chunk_candidates, progress=config.progress, log=log)
@@ -269,7 +269,7 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         completed = scoring.PassStats()
         if partial:
             completed = adaptive.complete(engine, prefixes, store, candidate_ids, task_ids, adaptive_config, **shared)
-        one = scoring.run_one_shot(engine, prefixes, store, candidate_ids, task_ids, **shared)
+        one = one_shot.run_one_shot(engine, prefixes, store, candidate_ids, task_ids, **shared)
         for field in ("wall_s", "calls", "pairs", "task_tokens", "scored_tokens", "flops"):
             setattr(one.stats, field, getattr(one.stats, field) + getattr(completed, field))
     timings["one_shot_s"] = one.stats.wall_s

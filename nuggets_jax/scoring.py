@@ -1,4 +1,4 @@
-"""One-shot golden scoring: zero-shot once per task, then every candidate as a cached prefix.
+"""The scoring engine: zero-shot once per task, then every candidate as a cached prefix.
 
 Per device call the batch is [C candidates] x [R rows x L tokens] of packed tasks:
 `encode_prefix` runs once per block of C candidates and its K/V stays on the devices while every
@@ -6,6 +6,8 @@ row group of the task set attends to it. Only positions that predict a response 
 LM head, and their log-probs are summed per task on the device, so a call returns [C, S] sums.
 All programs are compiled ahead of time (one encode and one step per prefix bucket); the loop
 only calls compiled executables, so nothing compiles after warm-up.
+
+The pass over a whole pool, saved chunk by chunk to the store, is `one_shot.run_one_shot`.
 """
 
 from __future__ import annotations
@@ -354,160 +356,5 @@ def _gather_slots(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def check_finite(logp: np.ndarray, candidate_ids: Sequence[str], task_ids: Sequence[str]) -> None:
-    """Raises ScoringError naming the first candidate/task whose log-prob sum is NaN or inf."""
-    bad = ~np.isfinite(logp)
-    if bad.any():
-        c, t = np.argwhere(bad)[0]
-        raise ScoringError(
-            f"non-finite log-probability ({logp[c, t]}) for candidate {candidate_ids[c]!r} on task "
-            f"{task_ids[t]!r} ({int(bad.sum())} pair(s) in this block). The model or its dtype is broken "
-            "for this input (try model.dtype=float32); finished chunks are kept."
-        )
-
-
 def prefix_lengths_of(prefixes: TokenizedPrefixes) -> list[int]:
     return [len(p) for p in prefixes.ids] + [len(prefixes.zero_shot)]
-
-
-@dataclasses.dataclass
-class OneShotResult:
-    one_logp: np.ndarray  # [N, T] float32
-    one_correct: np.ndarray  # [N, T] int32
-    stats: PassStats
-    resumed_candidates: int  # candidates found done in the store
-
-
-def run_one_shot(
-    engine: Engine,
-    prefixes: TokenizedPrefixes,
-    store,
-    candidate_ids: Sequence[str],
-    task_ids: Sequence[str],
-    chunk_candidates: int = 64,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> OneShotResult:
-    """Scores every candidate not yet in `store` against every task, saving chunk by chunk.
-
-    Candidates are sorted by prefix bucket (then position) into blocks of C; consecutive blocks
-    form a chunk. Each process saves its own slots. Block b + 1 is dispatched before block b is
-    read back, so the host assembles results while the devices compute.
-    """
-    from tqdm.auto import tqdm
-
-    n, t = len(prefixes.ids), engine.num_tasks
-    logp = np.full((n, t), np.nan, np.float32)
-    correct = np.zeros((n, t), np.int32)
-    chunk_names = [name for name in store.names() if name != "zero"]
-    for name in chunk_names:
-        # Exact chunks hold whole rows; other modes (adaptive rounds) add a "columns" array.
-        chunk = store.read(name)
-        idx = chunk["candidates"]
-        cols = chunk["columns"] if "columns" in chunk else np.arange(t)
-        logp[np.ix_(idx, cols)] = chunk["one_logp"]
-        correct[np.ix_(idx, cols)] = chunk["one_correct"]
-    done = ~np.isnan(logp).any(axis=1)
-    resumed = int(done.sum())
-    if resumed:
-        log(f"resuming: {resumed} of {n} candidates already scored ({len(chunk_names)} chunk(s) in {store.dir})")
-    done_anywhere = _any_process(done)
-    lengths = np.asarray([len(p) for p in prefixes.ids])
-    widths = np.asarray([engine.bucket_width(int(x)) for x in lengths])
-    # Candidates with only some columns (an adaptive run) are completed round by round by
-    # nuggets_jax.adaptive before an exact run; any left partial here are scored again in full.
-    remaining = [int(i) for i in np.lexsort((np.arange(n), widths)) if not done_anywhere[i]]
-    blocks = plan_blocks(remaining, widths, engine.buckets, engine.slots)
-    blocks_per_chunk = max(1, chunk_candidates // engine.slots)
-    next_seq = 1 + max((int(name.split("-")[1]) for name in chunk_names if name.startswith("one-")), default=-1)
-    stats = PassStats()
-    bar = tqdm(
-        total=n * t,
-        initial=int(done_anywhere.sum()) * t,
-        unit="pair",
-        desc="one-shot",
-        disable=not progress or jax.process_index() != 0,
-        smoothing=0.05,
-        dynamic_ncols=True,
-    )
-    t0 = time.perf_counter()
-
-    def dispatch(block):
-        mine = block[engine.local]
-        width = int(max(widths[i] for i in block if i >= 0))
-        return engine.dispatch_block([prefixes.ids[i] if i >= 0 else None for i in mine], width=width)
-
-    pending = dispatch(blocks[0]) if blocks else None
-    chunk_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for b, block in enumerate(blocks):
-        current = pending
-        pending = dispatch(blocks[b + 1]) if b + 1 < len(blocks) else None
-        block_logp, block_correct = engine.collect_block(current)
-        mine = block[engine.local]
-        real = mine >= 0
-        check_finite(block_logp[real], [candidate_ids[i] for i in mine[real]], task_ids)
-        chunk_rows.append((mine[real], block_logp[real], block_correct[real]))
-        logp[mine[real]], correct[mine[real]] = block_logp[real], block_correct[real]
-        real_global = block[block >= 0]
-        stats.calls += 1 + len(engine.layout.groups)
-        stats.candidates += len(real_global)
-        stats.pairs += len(real_global) * t
-        stats.task_tokens += len(real_global) * engine.layout.real_tokens
-        stats.scored_tokens += len(real_global) * engine.layout.scored_tokens
-        stats.flops += sum(engine.pair_flops(int(lengths[i])) for i in real_global)
-        bar.update(len(real_global) * t)
-        if (b + 1) % blocks_per_chunk == 0 or b + 1 == len(blocks):
-            idx = np.concatenate([r[0] for r in chunk_rows]).astype(np.int64)
-            store.write(
-                f"one-{next_seq:06d}",
-                candidates=idx,
-                one_logp=np.concatenate([r[1] for r in chunk_rows]),
-                one_correct=np.concatenate([r[2] for r in chunk_rows]),
-            )
-            next_seq += 1
-            chunk_rows = []
-    bar.close()
-    stats.wall_s = time.perf_counter() - t0
-    logp, correct = _merge_processes(logp, correct)
-    return OneShotResult(logp, correct, stats, resumed)
-
-
-def plan_blocks(candidates: Sequence[int], widths: np.ndarray, buckets: Sequence[int], slots: int) -> list[np.ndarray]:
-    """Blocks of `slots` candidate indices (-1 = empty slot), each block within one prefix bucket.
-
-    `candidates` come sorted by (bucket, position). A bucket's leftover (fewer than `slots`) moves up
-    into the next wider bucket rather than running with empty slots (its prefixes are masked there,
-    so the scores do not change); only the very last block can have empty slots.
-    """
-    blocks: list[np.ndarray] = []
-    carry: list[int] = []
-    for width in buckets:
-        members = carry + [i for i in candidates if widths[i] == width]
-        full = len(members) - len(members) % slots
-        blocks += [np.asarray(members[k : k + slots], np.int64) for k in range(0, full, slots)]
-        carry = members[full:]
-    if carry:
-        blocks.append(np.asarray(carry + [-1] * (slots - len(carry)), np.int64))
-    return blocks
-
-
-def _any_process(flags: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return flags
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(flags)).any(axis=0)
-
-
-def _merge_processes(logp: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every process holds the rows it scored (NaN elsewhere); combine them on all processes."""
-    if jax.process_count() == 1:
-        return logp, correct
-    from jax.experimental import multihost_utils
-
-    all_logp = np.asarray(multihost_utils.process_allgather(logp))  # [P, N, T]
-    all_correct = np.asarray(multihost_utils.process_allgather(correct))
-    have = ~np.isnan(all_logp).all(axis=2)  # [P, N]
-    owner = np.argmax(have, axis=0)
-    rows = np.arange(logp.shape[0])
-    return all_logp[owner, rows], all_correct[owner, rows]

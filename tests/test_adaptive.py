@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from nuggets_jax import adaptive, metrics, scoring, select, store, synthetic
+from nuggets_jax import adaptive, metrics, one_shot, scoring, select, store, synthetic
 from nuggets_jax import data as D
 from nuggets_jax.adaptive_config import METRICS, AdaptiveConfig, AdaptiveError, round_columns, visit_order
 from nuggets_jax.adaptive_intervals import confidence_interval, known_range, normal_interval, per_task_values
@@ -287,7 +287,7 @@ def _run(s, workdir, rule=None, **kw):
 
 
 def _exact(s, workdir):
-    return scoring.run_one_shot(
+    return one_shot.run_one_shot(
         s["engine"], s["prefixes"], store.ScoreStore(workdir), s["ids"], s["task_ids"], 4, False, lambda m: None
     )
 

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import Mesh
 
 from nuggets_jax import data as D
-from nuggets_jax import scoring, store
+from nuggets_jax import one_shot, scoring, store
 from nuggets_jax.models import load_model
 
 
@@ -46,7 +46,7 @@ def run(loaded, tasks, prefixes, tmp_path, config=None, mesh=None, name="s"):
         loaded.model, tasks, scoring.prefix_lengths_of(prefixes), config, mesh=mesh, log=lambda m: None
     )
     zl, zc, _ = engine.zero_shot(prefixes.zero_shot)
-    res = scoring.run_one_shot(
+    res = one_shot.run_one_shot(
         engine,
         prefixes,
         store.ScoreStore(tmp_path / name),
@@ -97,7 +97,7 @@ def test_check_finite_names_candidate_and_task():
     logp = np.zeros((2, 3), np.float32)
     logp[1, 2] = np.nan
     with pytest.raises(scoring.ScoringError, match="candidate 'b' on task 'z'"):
-        scoring.check_finite(logp, ["a", "b"], ["x", "y", "z"])
+        one_shot.check_finite(logp, ["a", "b"], ["x", "y", "z"])
 
 
 def test_subset_layouts_score_only_their_columns(tiny, tmp_path):
@@ -121,7 +121,7 @@ def test_subset_layouts_score_only_their_columns(tiny, tmp_path):
 def test_plan_blocks_moves_leftovers_up():
     widths = np.asarray([16, 16, 16, 32, 32, 64, 16, 64])
     candidates = [int(i) for i in np.lexsort((np.arange(8), widths))]
-    blocks = scoring.plan_blocks(candidates, widths, [16, 32, 64], slots=3)
+    blocks = one_shot.plan_blocks(candidates, widths, [16, 32, 64], slots=3)
     flat = np.concatenate(blocks)
     assert sorted(flat[flat >= 0].tolist()) == list(range(8))
     assert all((b >= 0).all() for b in blocks[:-1]) and len(blocks) == 3
