@@ -75,9 +75,9 @@ class EngineConfig:
         )
 
 
-# (CPU, accelerator) defaults. On CPU small calls keep the working set in cache (measured in
-# BENCHMARKS.md: 2048 tokens and 128-position LM-head chunks beat 16384/1024 by ~20% on the 2-core
-# host); on GPU/TPU big calls keep the matrix units busy.
+# (CPU, accelerator) defaults. On CPU small calls keep the working set in cache (BENCHMARKS.md:
+# 2% faster than 16384/1024 on the 2-core host) and bound host memory; on GPU/TPU big calls keep
+# the matrix units busy.
 AUTO_TOKENS_PER_DEVICE = (2048, 16384)
 AUTO_LM_HEAD_TOKENS = (128, 1024)
 
