@@ -451,3 +451,18 @@ def test_config_arguments_select_the_adaptive_mode():
     assert (fast.interval, fast.union, fast.compare) == ("normal", False, "pairwise")
     with pytest.raises(ValueError, match="adaptive=safe or adaptive=fast"):
         score_config.get_config("adaptive=quick")
+
+
+def test_pairwise_in_rule_ignores_candidates_already_out():
+    from nuggets_jax.adaptive_rule import _pairwise_status
+
+    rng = np.random.default_rng(0)
+    t = 100
+    values = np.stack([1.0 + 0.01 * rng.standard_normal(t), 0.01 * rng.standard_normal(t), np.zeros(t)])
+    values[2, :4] = [10.0, -10.0, 10.0, -10.0]  # out after 4 tasks; on those its difference to 0 is wide
+    seen = np.array([40, 40, 4])
+    status = np.array([ACTIVE, ACTIVE, OUT], np.int8)
+    new = _pairwise_status(values, np.arange(t), seen, status, n=1, alpha=0.1, t=t)
+    # Candidate 2 "could be above" candidate 0 on its 4 tasks, but being out it has a better one above
+    # it, so it cannot be above the top-1: candidate 0 is in, candidate 1 (surely below 0) is out.
+    np.testing.assert_array_equal(new, [IN, OUT, OUT])
