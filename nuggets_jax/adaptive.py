@@ -134,19 +134,9 @@ class _RoundScorer:
         prefix = f"{CHUNK_PREFIX}{r:03d}-"
         seq = 1 + max((int(name.split("-")[-1]) for name in self.store.names(prefix)), default=-1)
 
-        def dispatch(block):
-            # Every process passes the global block's width, so all of them run the same program.
-            width = int(max(self.widths[i] for i in block if i >= 0))
-            mine = [self.prefixes.ids[i] if i >= 0 else None for i in block[engine.local]]
-            return engine.dispatch_block(mine, layout, width=width)
-
-        pending = dispatch(blocks[0]) if blocks else None
         rows = []
-        for b, block in enumerate(blocks):
-            current = pending
-            # Dispatch block b + 1 before reading block b back: the host works while the devices compute.
-            pending = dispatch(blocks[b + 1]) if b + 1 < len(blocks) else None
-            block_logp, block_correct = engine.collect_block(current)
+        blocks_out = one_shot.pipelined(engine, blocks, self.prefixes, self.widths, layout)
+        for b, (block, (block_logp, block_correct)) in enumerate(blocks_out):
             mine = block[engine.local]
             real = mine >= 0
             block_logp, block_correct = block_logp[real][:, cols], block_correct[real][:, cols]  # [n, k]

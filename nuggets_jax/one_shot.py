@@ -93,17 +93,8 @@ def run_one_shot(
     )
     t0 = time.perf_counter()
 
-    def dispatch(block):
-        mine = block[engine.local]
-        width = int(max(widths[i] for i in block if i >= 0))
-        return engine.dispatch_block([prefixes.ids[i] if i >= 0 else None for i in mine], width=width)
-
-    pending = dispatch(blocks[0]) if blocks else None
     chunk_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for b, block in enumerate(blocks):
-        current = pending
-        pending = dispatch(blocks[b + 1]) if b + 1 < len(blocks) else None
-        block_logp, block_correct = engine.collect_block(current)
+    for b, (block, (block_logp, block_correct)) in enumerate(pipelined(engine, blocks, prefixes, widths)):
         mine = block[engine.local]
         real = mine >= 0
         check_finite(block_logp[real], [candidate_ids[i] for i in mine[real]], task_ids)
@@ -131,6 +122,25 @@ def run_one_shot(
     stats.wall_s = time.perf_counter() - t0
     logp, correct = _merge_processes(logp, correct)
     return OneShotResult(logp, correct, stats, resumed)
+
+
+def pipelined(engine: Engine, blocks: Sequence[np.ndarray], prefixes: TokenizedPrefixes, widths, layout=None):
+    """Yields (block, (logp, correct)) for each block of candidate indices (-1 = empty slot).
+
+    Block b + 1 is dispatched before block b is read back, so the host works while the devices
+    compute. Every process passes the global block's prefix width, so all of them run one program.
+    """
+
+    def dispatch(block):
+        width = int(max(widths[i] for i in block if i >= 0))
+        mine = [prefixes.ids[i] if i >= 0 else None for i in block[engine.local]]
+        return engine.dispatch_block(mine, layout, width=width)
+
+    pending = dispatch(blocks[0]) if len(blocks) else None
+    for b, block in enumerate(blocks):
+        current = pending
+        pending = dispatch(blocks[b + 1]) if b + 1 < len(blocks) else None
+        yield block, engine.collect_block(current)
 
 
 def plan_blocks(candidates: Sequence[int], widths: np.ndarray, buckets: Sequence[int], slots: int) -> list[np.ndarray]:
