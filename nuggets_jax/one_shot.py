@@ -77,8 +77,7 @@ def run_one_shot(
     widths = np.asarray([engine.bucket_width(int(x)) for x in lengths])
     # Candidates with only some columns (an adaptive run) are completed round by round by
     # nuggets_jax.adaptive before an exact run; any left partial here are scored again in full.
-    remaining = [int(i) for i in np.lexsort((np.arange(n), widths)) if not done_anywhere[i]]
-    blocks = plan_blocks(remaining, widths, engine.buckets, engine.slots)
+    blocks = blocks_to_run(done_anywhere, widths, engine.buckets, engine.slots)
     blocks_per_chunk = max(1, chunk_candidates // engine.slots)
     next_seq = 1 + max((int(name.split("-")[1]) for name in chunk_names if name.startswith("one-")), default=-1)
     stats = PassStats()
@@ -107,7 +106,7 @@ def run_one_shot(
         stats.task_tokens += len(real_global) * engine.layout.real_tokens
         stats.scored_tokens += len(real_global) * engine.layout.scored_tokens
         stats.flops += sum(engine.pair_flops(int(lengths[i])) for i in real_global)
-        bar.update(len(real_global) * t)
+        bar.update(int((~done_anywhere[real_global]).sum()) * t)
         if (b + 1) % blocks_per_chunk == 0 or b + 1 == len(blocks):
             idx = np.concatenate([r[0] for r in chunk_rows]).astype(np.int64)
             store.write(
@@ -160,6 +159,18 @@ def plan_blocks(candidates: Sequence[int], widths: np.ndarray, buckets: Sequence
     if carry:
         blocks.append(np.asarray(carry + [-1] * (slots - len(carry)), np.int64))
     return blocks
+
+
+def blocks_to_run(done: np.ndarray, widths: np.ndarray, buckets: Sequence[int], slots: int) -> list[np.ndarray]:
+    """The blocks of an uninterrupted run (`plan_blocks` over the whole pool) not yet finished.
+
+    A resumed run replays the original plan rather than planning the rest afresh: a candidate's
+    block fixes its prefix width and neighbours, and with them the float rounding of its scores,
+    so a resumed run is bit-identical to an uninterrupted one. A block some process saved only
+    part of (a kill between two processes' saves) runs again whole.
+    """
+    order = [int(i) for i in np.lexsort((np.arange(len(widths)), widths))]
+    return [b for b in plan_blocks(order, widths, buckets, slots) if not done[b[b >= 0]].all()]
 
 
 def _any_process(flags: np.ndarray) -> np.ndarray:

@@ -130,6 +130,20 @@ def test_plan_blocks_moves_leftovers_up():
     assert block_widths == sorted(block_widths) == [16, 32, 64]
 
 
+def test_resume_replays_the_uninterrupted_block_plan():
+    # Two processes: one saved its slots of block 0, the other was killed first. The rest must run
+    # in the very blocks of the uninterrupted plan (same widths, same neighbours, same rounding).
+    widths = np.asarray([16, 16, 16, 16, 16, 32, 32, 32, 64, 16])
+    order = [int(i) for i in np.lexsort((np.arange(10), widths))]
+    whole = one_shot.plan_blocks(order, widths, [16, 32, 64], slots=4)
+    done = np.zeros(10, bool)
+    done[whole[0][:2]] = True  # half of block 0
+    done[whole[1]] = True  # all of block 1
+    rest = one_shot.blocks_to_run(done, widths, [16, 32, 64], slots=4)
+    assert [b.tolist() for b in rest] == [whole[0].tolist()] + [b.tolist() for b in whole[2:]]
+    assert one_shot.blocks_to_run(np.ones(10, bool), widths, [16, 32, 64], slots=4) == []
+
+
 def test_engine_config_auto_sizes_per_platform():
     auto = scoring.EngineConfig()
     cpu, tpu = auto.for_platform("cpu"), auto.for_platform("tpu")
