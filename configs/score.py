@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scoring.max_prefix_buckets = 4
     config.scoring.lm_head_tokens = 0  # 0 = auto: 128 on CPU, 1024 on GPU/TPU
     config.scoring.attention_rows = 2  # task rows per attention chunk (0 = all rows at once)
+    config.scoring.query_block = 128  # queries per windowed row-attention block (0 = whole-row attention)
     config.scoring.chunk_candidates = 32  # candidates per saved chunk
 
     # scoring.mode="adaptive" (nuggets_jax.adaptive). Metrics: win_rate | mean_logp_gain | token_acc_gain.

@@ -86,18 +86,37 @@ def group_shape(num_rows: int, rows_per_call: int) -> tuple[int, int]:
     return groups, math.ceil(num_rows / groups)
 
 
-def auto_row_length(lengths: Sequence[int], tokens_per_call: int, multiple: int = 64, max_factor: int = 4) -> int:
+def row_window(row_length: int, longest_task: int, block: int) -> tuple[int, int] | None:
+    """(block, lookback) of windowed row attention for rows holding tasks of at most `longest_task`
+    tokens, or None where it would not be cheaper than attending to the whole row.
+
+    A query at position i of its task needs the i <= longest_task - 1 row tokens before it; a
+    block of `block` queries therefore needs itself and the longest_task - 1 tokens before it,
+    rounded up to whole blocks (`models.llama.key_windows`).
+    """
+    if block <= 0 or row_length % block:
+        return None
+    lookback = math.ceil((longest_task - 1) / block) * block
+    return (block, lookback) if lookback + block < row_length else None
+
+
+def auto_row_length(
+    lengths: Sequence[int], tokens_per_call: int, query_block: int = 0, multiple: int = 64, max_factor: int = 4
+) -> int:
     """The row length that computes the fewest (cost-weighted) token slots for these tasks.
 
-    Longer rows pack tasks tighter but make each slot's attention dearer; every multiple of
-    `multiple` from the longest task up to `max_factor` times it is tried on the real packing.
+    Longer rows pack tasks tighter but, without a `row_window`, make each slot's attention
+    dearer; every multiple of `multiple` from the longest task up to `max_factor` times it is
+    tried on the real packing.
     """
     longest = max(lengths)
     first = max(multiple, math.ceil(longest / multiple) * multiple)
     best = None
     for length in range(first, max(first, max_factor * longest) + 1, multiple):
         groups, rows = group_shape(len(pack_rows(lengths, length)), tokens_per_call // length)
-        cost = groups * rows * length * (1 + length / _ATTENTION_LENGTH_SCALE)
+        window = row_window(length, longest, query_block)
+        span = length if window is None else sum(window)
+        cost = groups * rows * length * (1 + span / _ATTENTION_LENGTH_SCALE)
         if best is None or cost < best[0]:
             best = (cost, length)
     return best[1]

@@ -36,6 +36,7 @@ from nuggets_jax.packing import (
     pack_rows,
     pad_layout,
     prefix_buckets,
+    row_window,
 )
 
 
@@ -56,6 +57,9 @@ class EngineConfig:
       lm_head_tokens: positions per LM-head chunk per device (bounds the [.., V] logits);
         0 = per platform (AUTO_LM_HEAD_TOKENS).
       attention_rows: task rows per attention chunk (0 = all at once); small chunks keep the scores in cache.
+      query_block: queries per block of windowed row attention: each block attends only to the keys
+        its tasks can reach (itself and the longest task's length before it), not the whole row.
+        0 = whole-row attention.
     """
 
     candidates_per_device: int = 1
@@ -64,6 +68,7 @@ class EngineConfig:
     max_prefix_buckets: int = 4
     lm_head_tokens: int = 0
     attention_rows: int = 2
+    query_block: int = 128
 
     def for_platform(self, platform: str) -> EngineConfig:
         """This config with the 0 (auto) sizes filled in for `platform` ("cpu", "gpu", "tpu")."""
@@ -91,6 +96,7 @@ def _step_program(
     num_slots: int,
     lm_chunk: int,
     attention_rows: int,
+    window: tuple[int, int] | None,
     state,
     cache,
     tokens,
@@ -102,7 +108,7 @@ def _step_program(
 ):
     """[C, R, L] rows after each candidate's prefix -> per-slot sums: logp [C, S] f32, correct [C, S] i32."""
     model = nnx.merge(graphdef, state)
-    h = model.forward_rows(cache, tokens, task_positions, segment_ids, attention_rows)  # [C, R, L, D]
+    h = model.forward_rows(cache, tokens, task_positions, segment_ids, attention_rows, window)  # [C, R, L, D]
     c, d = h.shape[0], h.shape[-1]
     h = jnp.take_along_axis(h.reshape(c, -1, d), score_index[..., None], axis=1)  # [C, M, D]
     logp, correct = model.token_logprobs(h, score_target, chunk=lm_chunk)  # [C, M]
@@ -172,12 +178,14 @@ class Engine:
         self.local = sharding.local_slots(self.mesh, self.slots)
         max_len = max(len(t) for t in tasks.ids)
         per_call = config.tokens_per_device // config.candidates_per_device
-        self.row_length = config.row_length or auto_row_length([len(t) for t in tasks.ids], per_call)
+        lengths = [len(t) for t in tasks.ids]
+        self.row_length = config.row_length or auto_row_length(lengths, per_call, config.query_block)
         if self.row_length < max_len:
             raise ScoringError(
                 f"scoring.row_length={self.row_length} is shorter than the longest task "
                 f"({max_len} tokens); set 0 (auto) or at least {max_len}."
             )
+        self.window = row_window(self.row_length, max_len, config.query_block)
         self.layout = self._layouts([np.arange(self.num_tasks)])[0]
         self.subset_layouts = self._layouts(column_sets) if len(column_sets) else []
         self.rows_per_group = self.layout.groups[0].tokens.shape[0]
@@ -213,7 +221,8 @@ class Engine:
             for r, length, m, s in shapes:
                 rows = jax.ShapeDtypeStruct((self.slots, r, length), jnp.int32, sharding=data)
                 score = jax.ShapeDtypeStruct((self.slots, m), jnp.int32, sharding=data)
-                step = jax.jit(functools.partial(_step_program, graphdef, s, self.lm_chunk, config.attention_rows))
+                static = (s, self.lm_chunk, config.attention_rows, self.window)
+                step = jax.jit(functools.partial(_step_program, graphdef, *static))
                 self._step[width, (r, length, m, s)] = step.lower(
                     self.state, cache, rows, rows, rows, score, score, score
                 ).compile()
@@ -221,9 +230,11 @@ class Engine:
         self.programs = len(self._encode) + len(self._step)
         self._group_arrays: dict[int, list[tuple[jax.Array, ...]]] = {}
         r, length = self.layout.groups[0].tokens.shape
+        span = "whole rows" if self.window is None else f"{self.window[1]}+{self.window[0]} keys"
         log(
             f"engine: {self.mesh.devices.size} device(s), C={self.slots} candidates/call, rows {r}x{length} "
-            f"(fill {self.layout.fill:.0%}, {len(self.layout.groups)} group(s)), prefix buckets {self.buckets}, "
+            f"(fill {self.layout.fill:.0%}, {len(self.layout.groups)} group(s)), attention over {span}, "
+            f"prefix buckets {self.buckets}, "
             f"{self.programs} programs compiled in {self.compile_s:.1f}s"
         )
 

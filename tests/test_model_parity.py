@@ -107,7 +107,8 @@ def test_left_padding_with_positions(pair):
         np.testing.assert_allclose(got[b, 18 - lengths[b] :], alone, atol=TOL, rtol=0)
 
 
-def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair):
+@pytest.mark.parametrize("window", [None, (4, 8)], ids=["whole_row", "windowed"])
+def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, window):
     hf, ours = pair
     prefix_lengths = [5, 9]
     width = 10  # both prefixes right-padded to one width
@@ -119,9 +120,10 @@ def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair):
         prefix_mask[c, : len(p)] = True
     cache = ours.encode_prefix(jnp.asarray(tokens), jnp.asarray(prefix_mask))
 
-    # One row, two tasks packed back to back, then padding.
-    tasks = [_random_ids(20, 4), _random_ids(21, 6)]
-    row_len = 13
+    # One row, three tasks packed back to back, then padding. Windowed: blocks of 4 queries see
+    # the 8 row tokens before them, enough for tasks of up to 9 tokens; the 7-token task spans blocks.
+    tasks = [_random_ids(20, 4), _random_ids(21, 7), _random_ids(22, 3)]
+    row_len = 16
     row = np.zeros(row_len, np.int32)
     task_positions = np.zeros(row_len, np.int32)
     segments = np.full(row_len, -1, np.int32)
@@ -134,7 +136,7 @@ def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair):
         spans.append((start, len(task)))
         start += len(task)
     row_arrays = (jnp.asarray(a[None]) for a in (row, task_positions, segments))  # each [R=1, L]
-    h = ours.forward_rows(cache, *row_arrays)
+    h = ours.forward_rows(cache, *row_arrays, window=window)
     assert h.shape == (2, 1, row_len, 64)
     logits = np.asarray(ours.logits(h))  # [C, R, L, V]
     for c, prefix in enumerate(prefixes):

@@ -86,3 +86,33 @@ def test_auto_row_length_holds_every_task_and_beats_the_tightest_row():
     tightest = -(-max(lengths) // 64) * 64
     assert slots(length) <= slots(tightest)
     assert all(slots(length) <= slots(other) for other in range(tightest, 4 * max(lengths) + 1, 64))
+
+
+def test_row_window_covers_the_longest_task_and_only_when_cheaper():
+    for longest in (1, 2, 63, 64, 65, 199, 200, 201):
+        for block in (32, 64, 128):
+            for row_length in range(64, 1025, 64):
+                window = packing.row_window(row_length, longest, block)
+                if window is None:
+                    continue
+                assert window[0] == block and row_length % block == 0 and window[1] % block == 0
+                assert window[1] >= longest - 1  # a task's last token sees its first
+                assert window[1] < longest - 1 + block  # no whole block more than needed
+                assert sum(window) < row_length  # else the whole row is as cheap
+    assert packing.row_window(640, 200, 0) is None  # 0 = whole-row attention
+    assert packing.row_window(640, 200, 96) is None  # block must divide the row
+    assert packing.row_window(256, 200, 64) is None  # 256 + 64 keys: no cheaper than the row
+
+
+def test_auto_row_length_with_windows_packs_at_least_as_tightly():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 201, 100).tolist()
+
+    def fill(row_length):
+        groups, rows = packing.group_shape(len(packing.pack_rows(lengths, row_length)), 2048 // row_length)
+        return sum(lengths) / (groups * rows * row_length)
+
+    plain = packing.auto_row_length(lengths, 2048)
+    windowed = packing.auto_row_length(lengths, 2048, query_block=64)
+    # A windowed row's attention does not grow with its length, so longer, tighter rows win.
+    assert windowed > plain and fill(windowed) > fill(plain)

@@ -188,6 +188,20 @@ def _row_chunked_attention(q, k, v, row_mask, prefix, rows_per_chunk: int) -> ja
     return jnp.moveaxis(out, 0, 1).reshape(q.shape)
 
 
+def key_windows(x: jax.Array, block: int, lookback: int, fill=0) -> jax.Array:
+    """[C, R, L, ...] -> [C, R * L/block, lookback + block, ...]: for each block of `block` queries,
+    the row's `lookback` entries before the block and the block itself (`fill` before the row start).
+
+    `lookback` is a multiple of `block`. Built from shifted whole-block slices, so no gather.
+    """
+    c, r, length = x.shape[:3]
+    nb, back = length // block, lookback // block
+    pad = [(0, 0), (0, 0), (lookback, 0)] + [(0, 0)] * (x.ndim - 3)
+    xb = jnp.pad(x, pad, constant_values=fill).reshape(c, r, nb + back, block, *x.shape[3:])
+    windows = jnp.concatenate([xb[:, :, i : i + nb] for i in range(back + 1)], axis=3)
+    return windows.reshape(c, r * nb, lookback + block, *x.shape[3:])
+
+
 def _decoder_layer(
     config: ModelConfig,
     p: dict[str, jax.Array],
@@ -198,8 +212,13 @@ def _decoder_layer(
     prefix_kv: tuple[jax.Array, jax.Array] | None,  # this layer's k, v [C, P, K, Dh]
     prefix_mask: jax.Array | None,
     attention_rows: int = 0,
+    window: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One pre-norm decoder layer; returns the new residual stream and this layer's (k, v)."""
+    """One pre-norm decoder layer; returns the new residual stream and this layer's (k, v).
+
+    With `window` = (block, lookback) the row attention runs per block of queries over that
+    block's key window (`key_windows`); `row_mask` and `prefix_mask` come in that layout.
+    """
     c, r, length, _ = x.shape
     kh, g, dh = config.num_kv_heads, config.groups, config.head_dim
     h = _rms_norm(x, p["input_norm"], config.rms_norm_eps)
@@ -209,10 +228,16 @@ def _decoder_layer(
     q = _apply_rope(q, cos, sin).reshape(c, r, length, kh, g, dh)
     k = _apply_rope(k, cos, sin)
     prefix = None if prefix_kv is None else (*prefix_kv, prefix_mask)
-    if attention_rows:
-        attn = _row_chunked_attention(q, k, v, row_mask, prefix, attention_rows)
+    qa, ka, va, rows_per_chunk = q, k, v, attention_rows
+    if window is not None:
+        block, lookback = window
+        qa = q.reshape(c, r * (length // block), block, kh, g, dh)
+        ka, va = key_windows(k, block, lookback), key_windows(v, block, lookback)
+        rows_per_chunk = attention_rows * (length // block)
+    if rows_per_chunk:
+        attn = _row_chunked_attention(qa, ka, va, row_mask, prefix, rows_per_chunk)
     else:
-        attn = _attention(q, k, v, row_mask, prefix)
+        attn = _attention(qa, ka, va, row_mask, prefix)
     attn = attn.reshape(c, r, length, kh * g * dh)
     x = x + _linear(attn, p["o_proj"], p.get("o_bias"))
     h = _rms_norm(x, p["post_attention_norm"], config.rms_norm_eps)
@@ -249,13 +274,14 @@ class Llama(nnx.Module):
         prefix: PrefixCache | None,
         prefix_mask: jax.Array | None,
         attention_rows: int = 0,
+        window: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         config = self.config
         cos, sin = _rope_tables(config, positions, self.dtype)
 
         def body(x, layer):
             params, kv = layer
-            return _decoder_layer(config, params, x, cos, sin, row_mask, kv, prefix_mask, attention_rows)
+            return _decoder_layer(config, params, x, cos, sin, row_mask, kv, prefix_mask, attention_rows, window)
 
         kv_in = None if prefix is None else (prefix.keys, prefix.values)
         x, kv_out = jax.lax.scan(body, x, (self.layers.stacked(), kv_in))
@@ -328,28 +354,43 @@ class Llama(nnx.Module):
         task_positions: jax.Array,  # [R, L] or [C, R, L]: position inside its task, from 0
         segment_ids: jax.Array,  # [R, L] or [C, R, L]: task slot in the row, -1 for padding
         attention_rows: int = 0,
+        window: tuple[int, int] | None = None,
     ) -> jax.Array:
         """Hidden states [C, R, L, D] of task rows that follow each candidate's prefix.
 
         A row may hold several tasks back to back (packing); a token attends to every real token
         of its candidate's prefix and to the earlier tokens of its own task. Its RoPE position is
         prefix length + position inside the task, exactly as if prefix and task were one sequence.
+
+        `window` = (block, lookback), both dividing L: each block of `block` queries attends only
+        to itself and the `lookback` row tokens before it instead of the whole row. Exact when no
+        task is longer than lookback + 1 tokens (`packing.row_window`); row attention then no
+        longer grows with the row length, so long rows pack tightly at no attention cost.
         """
         c = prefix.mask.shape[0]
         tokens, task_positions, segment_ids = (
             jnp.broadcast_to(a, (c, *a.shape[-2:])) for a in (tokens, task_positions, segment_ids)
         )
         positions = prefix.lengths[:, None, None] + task_positions  # [C, R, L]
-        same_task = segment_ids[..., :, None] == segment_ids[..., None, :]
-        earlier = task_positions[..., :, None] >= task_positions[..., None, :]
-        real = (segment_ids >= 0)[..., None, :]
-        row_mask = same_task & earlier & real & self._window(positions, positions)  # [C, R, L, L]
+        if window is not None and (positions.shape[-1] % window[0] or window[1] % window[0]):
+            raise ValueError(f"window (block, lookback) = {window} must divide the row length {positions.shape[-1]}")
+        if window is None:
+            q_seg, q_pos, k_seg, k_pos = segment_ids, task_positions, segment_ids, task_positions
+        else:  # queries [C, R * L/B, B], keys [C, R * L/B, lookback + B]
+            block, lookback = window
+            q_seg, q_pos = (a.reshape(c, -1, block) for a in (segment_ids, task_positions))
+            k_seg, k_pos = key_windows(segment_ids, block, lookback, -1), key_windows(task_positions, block, lookback)
+        same_task = q_seg[..., :, None] == k_seg[..., None, :]
+        earlier = q_pos[..., :, None] >= k_pos[..., None, :]
+        real = (k_seg >= 0)[..., None, :]
+        absolute = prefix.lengths[:, None, None]
+        row_mask = same_task & earlier & real & self._window(absolute + q_pos, absolute + k_pos)
         p = prefix.mask.shape[1]
-        prefix_mask = jnp.broadcast_to(prefix.mask[:, None, None, :], (*positions.shape, p))
+        prefix_mask = jnp.broadcast_to(prefix.mask[:, None, None, :], (*q_pos.shape, p))
         if self.config.sliding_window is not None:
-            prefix_mask = prefix_mask & self._window(positions, jnp.arange(p))
+            prefix_mask = prefix_mask & self._window(absolute + q_pos, jnp.arange(p))
         x = self.embed[...][tokens]
-        h, _ = self._run_layers(x, positions, row_mask, prefix, prefix_mask, attention_rows)
+        h, _ = self._run_layers(x, positions, row_mask, prefix, prefix_mask, attention_rows, window)
         return h
 
     def token_logprobs(self, h: jax.Array, targets: jax.Array, chunk: int = 512) -> tuple[jax.Array, jax.Array]:
