@@ -106,6 +106,7 @@ def _engine_facts(engine: Any) -> dict[str, Any]:
         "rows_per_group": lambda: engine.rows_per_group,
         "groups": lambda: len(engine.layout.groups),
         "fill": lambda: engine.layout.fill,
+        "attention_window": lambda: engine.window,
         "slot_tokens_per_candidate": lambda: engine.layout.slot_tokens,
         "prefix_buckets": lambda: list(engine.buckets),
         "programs": lambda: engine.programs,

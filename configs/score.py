@@ -55,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scoring.tokens_per_device = 0  # 0 = auto: 2048 on CPU, 16384 on GPU/TPU
     config.scoring.row_length = 0  # 0 = auto (fewest cost-weighted token slots for these tasks)
     config.scoring.max_prefix_buckets = 4
-    config.scoring.lm_head_tokens = 0  # 0 = auto: 128 on CPU, 1024 on GPU/TPU
+    config.scoring.lm_head_tokens = 0  # 0 = auto: 2048 on CPU, 1024 on GPU/TPU
+    config.scoring.lm_head_vocab_tile = 0  # 0 = auto: 1024 on CPU, the whole vocabulary on GPU/TPU
     config.scoring.attention_rows = 2  # task rows per attention chunk (0 = all rows at once)
     config.scoring.query_block = 128  # queries per windowed row-attention block (0 = whole-row attention)
     config.scoring.chunk_candidates = 32  # candidates per saved chunk

@@ -56,6 +56,9 @@ class EngineConfig:
       max_prefix_buckets: prefix widths to compile (padding vs compile count).
       lm_head_tokens: positions per LM-head chunk per device (bounds the [.., V] logits);
         0 = per platform (AUTO_LM_HEAD_TOKENS).
+      lm_head_vocab_tile: vocabulary entries per LM-head tile (running log-sum-exp over tiles, so
+        the logits of a tile stay in cache); 0 = per platform (AUTO_LM_HEAD_VOCAB_TILE, where 0 is
+        the whole vocabulary), a value >= the vocabulary size = the whole vocabulary.
       attention_rows: task rows per attention chunk (0 = all at once); small chunks keep the scores in cache.
       query_block: queries per block of windowed row attention: each block attends only to the keys
         its tasks can reach (itself and the longest task's length before it), not the whole row.
@@ -67,6 +70,7 @@ class EngineConfig:
     row_length: int = 0
     max_prefix_buckets: int = 4
     lm_head_tokens: int = 0
+    lm_head_vocab_tile: int = 0
     attention_rows: int = 2
     query_block: int = 128
 
@@ -77,6 +81,7 @@ class EngineConfig:
             self,
             tokens_per_device=self.tokens_per_device or AUTO_TOKENS_PER_DEVICE[accel],
             lm_head_tokens=self.lm_head_tokens or AUTO_LM_HEAD_TOKENS[accel],
+            lm_head_vocab_tile=self.lm_head_vocab_tile or AUTO_LM_HEAD_VOCAB_TILE[accel],
         )
 
 
@@ -84,7 +89,8 @@ class EngineConfig:
 # 2% faster than 16384/1024 on the 2-core host) and bound host memory; on GPU/TPU big calls keep
 # the matrix units busy.
 AUTO_TOKENS_PER_DEVICE = (2048, 16384)
-AUTO_LM_HEAD_TOKENS = (128, 1024)
+AUTO_LM_HEAD_TOKENS = (2048, 1024)
+AUTO_LM_HEAD_VOCAB_TILE = (1024, 0)
 
 
 def _encode_program(graphdef, state, tokens, mask) -> PrefixCache:
@@ -95,6 +101,7 @@ def _step_program(
     graphdef,
     num_slots: int,
     lm_chunk: int,
+    vocab_tile: int,
     attention_rows: int,
     window: tuple[int, int] | None,
     state,
@@ -111,7 +118,7 @@ def _step_program(
     h = model.forward_rows(cache, tokens, task_positions, segment_ids, attention_rows, window)  # [C, R, L, D]
     c, d = h.shape[0], h.shape[-1]
     h = jnp.take_along_axis(h.reshape(c, -1, d), score_index[..., None], axis=1)  # [C, M, D]
-    logp, correct = model.token_logprobs(h, score_target, chunk=lm_chunk)  # [C, M]
+    logp, correct = model.token_logprobs(h, score_target, lm_chunk, vocab_tile)  # [C, M]
 
     def per_slot(values, slots):
         return jax.ops.segment_sum(values, slots, num_segments=num_slots + 1)[:num_slots]
@@ -221,7 +228,7 @@ class Engine:
             for r, length, m, s in shapes:
                 rows = jax.ShapeDtypeStruct((self.slots, r, length), jnp.int32, sharding=data)
                 score = jax.ShapeDtypeStruct((self.slots, m), jnp.int32, sharding=data)
-                static = (s, self.lm_chunk, config.attention_rows, self.window)
+                static = (s, self.lm_chunk, config.lm_head_vocab_tile, config.attention_rows, self.window)
                 step = jax.jit(functools.partial(_step_program, graphdef, *static))
                 self._step[width, (r, length, m, s)] = step.lower(
                     self.state, cache, rows, rows, rows, score, score, score

@@ -10,6 +10,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from nuggets_jax.models import llama  # noqa: E402
 from nuggets_jax.models.params import load_params  # noqa: E402
 
 VOCAB = 97
@@ -146,7 +147,8 @@ def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, window):
             np.testing.assert_allclose(logits[c, 0, start : start + n], ref, atol=TOL, rtol=0)
 
 
-def test_token_logprobs_and_correct(pair):
+@pytest.mark.parametrize("vocab_tile", [0, 7, 97], ids=["whole_vocab", "tiles_of_7", "one_tile"])
+def test_token_logprobs_and_correct(pair, vocab_tile):
     hf, ours = pair
     ids = _random_ids(3, (2, 16))
     ref = _hf_logits(hf, ids)
@@ -156,7 +158,7 @@ def test_token_logprobs_and_correct(pair):
     # Half the targets are the reference argmax, so `correct` is exercised both ways.
     targets = ids[:, 1:].reshape(-1).copy()
     targets[::2] = flat_ref.argmax(-1)[::2]
-    logp, correct = ours.token_logprobs(jnp.asarray(flat_h), jnp.asarray(targets), chunk=7)
+    logp, correct = ours.token_logprobs(jnp.asarray(flat_h), jnp.asarray(targets), chunk=7, vocab_tile=vocab_tile)
     ref_logp = torch.log_softmax(torch.as_tensor(flat_ref), dim=-1).numpy()[np.arange(len(targets)), targets]
     np.testing.assert_allclose(np.asarray(logp), ref_logp, atol=TOL, rtol=0)
     top2 = np.sort(flat_ref, axis=-1)[:, -2:]
@@ -167,15 +169,39 @@ def test_token_logprobs_and_correct(pair):
     assert expected.any() and not expected.all()
 
 
-def test_correct_breaks_exact_ties_like_argmax(pair):
+@pytest.mark.parametrize("vocab_tile", [0, 7], ids=["whole_vocab", "tiles_of_7"])
+def test_correct_breaks_exact_ties_like_argmax(pair, vocab_tile):
     _, ours = pair
-    # Zero hidden states give all-equal logits: argmax (and so `correct`) picks token 0.
-    targets = jnp.asarray([0, 1, 0, VOCAB - 1])
-    logp, correct = jax.jit(lambda h, t: ours.token_logprobs(h, t, chunk=2))(
-        jnp.zeros((4, ours.config.hidden_size)), targets
+    # Zero hidden states give all-equal logits: argmax (and so `correct`) picks token 0, also when
+    # the tie spans vocabulary tiles.
+    targets = jnp.asarray([0, 1, 0, VOCAB - 1, 7])
+    logp, correct = jax.jit(lambda h, t: ours.token_logprobs(h, t, chunk=2, vocab_tile=vocab_tile))(
+        jnp.zeros((5, ours.config.hidden_size)), targets
     )
-    np.testing.assert_array_equal(np.asarray(correct), [True, False, True, False])
+    np.testing.assert_array_equal(np.asarray(correct), [True, False, True, False, False])
     np.testing.assert_allclose(np.asarray(logp), -np.log(VOCAB), rtol=1e-6)
+
+
+def test_correct_follows_argmax_on_ties_inside_and_across_tiles(pair):
+    # A head whose rows 3, 5 and 10 are equal (and 8, 12): logits tie exactly inside a vocabulary
+    # tile of 7 (3 and 5; 8 and 12) and across tiles (3 and 10). `correct` must follow argmax.
+    _, ours = pair
+    model = llama.Llama(ours.config, rngs=nnx.Rngs(5))
+    head = model.embed if model.lm_head is None else model.lm_head
+    w = np.array(head[...])
+    rows = w if model.lm_head is None else w.T  # [V, D]
+    rows[[5, 10]] = rows[3]
+    rows[12] = rows[8]
+    head[...] = jnp.asarray(w)
+    h = jnp.asarray(np.stack([rows[3], rows[8], rows[3], rows[8]]) * 50.0)
+    logits = np.asarray(model.logits(h))
+    top = logits.max(axis=-1, keepdims=True)
+    assert ((logits == top).sum(axis=-1) > 1).all()  # every row has a tied maximum
+    for target in (3, 5, 10, 8, 12, 0):
+        targets = jnp.full((4,), target)
+        for vocab_tile in (0, 7):
+            _, correct = model.token_logprobs(h, targets, chunk=3, vocab_tile=vocab_tile)
+            np.testing.assert_array_equal(np.asarray(correct), logits.argmax(-1) == target, err_msg=f"{vocab_tile}")
 
 
 def test_jit_matches_eager(pair):

@@ -147,7 +147,10 @@ def test_resume_replays_the_uninterrupted_block_plan():
 def test_engine_config_auto_sizes_per_platform():
     auto = scoring.EngineConfig()
     cpu, tpu = auto.for_platform("cpu"), auto.for_platform("tpu")
-    assert cpu.tokens_per_device < tpu.tokens_per_device and cpu.lm_head_tokens < tpu.lm_head_tokens
-    assert min(cpu.tokens_per_device, cpu.lm_head_tokens) > 0
-    fixed = scoring.EngineConfig(tokens_per_device=512, lm_head_tokens=64)
+    assert cpu.tokens_per_device < tpu.tokens_per_device
+    assert min(cpu.tokens_per_device, cpu.lm_head_tokens, tpu.lm_head_tokens) > 0
+    # CPU: vocabulary tiles keep the logits cache-sized; accelerators take the whole vocabulary.
+    assert cpu.lm_head_vocab_tile > 0 and tpu.lm_head_vocab_tile == 0
+    assert cpu.lm_head_tokens * cpu.lm_head_vocab_tile < tpu.lm_head_tokens * 32000
+    fixed = scoring.EngineConfig(tokens_per_device=512, lm_head_tokens=64, lm_head_vocab_tile=256)
     assert fixed.for_platform("gpu") == fixed  # explicit sizes are kept

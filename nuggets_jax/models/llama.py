@@ -326,6 +326,14 @@ class Llama(nnx.Module):
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
+    def _logits_slice(self, h: jax.Array, start, width: int) -> jax.Array:
+        """Logits [..., width] in float32 of the vocabulary entries start .. start + width - 1."""
+        if self.lm_head is None:
+            w = jax.lax.dynamic_slice_in_dim(self.embed[...], start, width, axis=0)  # [width, D]
+            return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+        w = jax.lax.dynamic_slice_in_dim(self.lm_head[...], start, width, axis=1)  # [D, width]
+        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
     # -- prefix-cached scoring ----------------------------------------------------------------
 
     def encode_prefix(self, tokens: jax.Array, mask: jax.Array) -> PrefixCache:
@@ -393,17 +401,23 @@ class Llama(nnx.Module):
         h, _ = self._run_layers(x, positions, row_mask, prefix, prefix_mask, attention_rows, window)
         return h
 
-    def token_logprobs(self, h: jax.Array, targets: jax.Array, chunk: int = 512) -> tuple[jax.Array, jax.Array]:
+    def token_logprobs(
+        self, h: jax.Array, targets: jax.Array, chunk: int = 512, vocab_tile: int = 0
+    ) -> tuple[jax.Array, jax.Array]:
         """log p(target) and whether the argmax is the target, at chosen positions.
 
-        The LM head runs over `chunk` positions at a time (per leading index), so the full
-        [..., M, V] logits never exist at once.
+        The LM head runs over `chunk` positions at a time (per leading index) and, with
+        `vocab_tile`, over that many vocabulary entries at a time with a running log-sum-exp, so
+        only [..., chunk, vocab_tile] logits exist at once: on CPU they stay in cache between the
+        matmul and the softmax. 0 = the whole vocabulary in one tile.
 
         Args:
           h: [..., M, D] final-norm hidden states at the positions that predict `targets`.
           targets: [..., M] int token ids.
+          chunk: positions per LM-head call.
+          vocab_tile: vocabulary entries per tile (0 = all).
         Returns:
-          logp [..., M] float32, correct [..., M] bool.
+          logp [..., M] float32, correct [..., M] bool (argmax == target, ties to the first index).
         """
         m = h.shape[-2]
         chunk = max(1, min(chunk, m))
@@ -414,23 +428,39 @@ class Llama(nnx.Module):
         # [n_chunks, ..., chunk, D]: map over chunks, keep the leading (sharded) axes intact.
         hs = jnp.moveaxis(hs.reshape(*lead, -1, chunk, h.shape[-1]), -3, 0)
         ts = jnp.moveaxis(ts.reshape(*lead, -1, chunk), -2, 0)
+        vocab = self.config.vocab_size
+        tile = vocab if vocab_tile <= 0 else min(vocab_tile, vocab)
+        full_tiles, rest = divmod(vocab, tile)
 
         def one(args):
             hc, tc = args
-            logits = self.logits(hc)  # [..., chunk, V] float32
-            peak = jnp.max(logits, axis=-1, keepdims=True)
-            lse = peak[..., 0] + jnp.log(jnp.sum(jnp.exp(logits - peak), axis=-1))
-            target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-            # argmax == target without a (slow, variadic) argmax pass: the target holds the unique
-            # maximum. Only when the maximum is tied does the first index decide, as argmax does.
-            on_top = target_logit >= peak[..., 0]
-            ties = jnp.sum(logits == peak, axis=-1)
-            correct = jax.lax.cond(
-                jnp.any(on_top & (ties > 1)),
-                lambda: jnp.argmax(logits, axis=-1) == tc,
-                lambda: on_top & (ties == 1),
-            )
-            return target_logit - lse, correct
+
+            def update(carry, start, width):
+                peak, total, target_logit, first = carry
+                logits = self._logits_slice(hc, start, width)  # [..., chunk, width] float32
+                tile_peak = jnp.max(logits, axis=-1)
+                new_peak = jnp.maximum(peak, tile_peak)
+                total = total * jnp.exp(peak - new_peak) + jnp.sum(jnp.exp(logits - new_peak[..., None]), axis=-1)
+                local = tc - start
+                picked = jnp.take_along_axis(logits, jnp.clip(local, 0, width - 1)[..., None], axis=-1)[..., 0]
+                target_logit = jnp.where((local >= 0) & (local < width), picked, target_logit)
+                # argmax's rule (the first index of the maximum) without its slow variadic reduce: the
+                # smallest index holding the tile's maximum; an earlier tile keeps a tied maximum.
+                at_peak = jnp.where(logits == tile_peak[..., None], jnp.arange(width), width)
+                tile_first = start + jnp.min(at_peak, axis=-1)
+                first = jnp.where(tile_peak > peak, tile_first, first)
+                return new_peak, total, target_logit, first
+
+            zeros = jnp.zeros(tc.shape, jnp.float32)
+            carry = (jnp.full(tc.shape, -jnp.inf, jnp.float32), zeros, zeros, jnp.zeros(tc.shape, jnp.int32))
+            if full_tiles == 1:
+                carry = update(carry, 0, tile)
+            else:
+                carry = jax.lax.fori_loop(0, full_tiles, lambda i, c: update(c, i * tile, tile), carry)
+            if rest:
+                carry = update(carry, full_tiles * tile, rest)
+            peak, total, target_logit, first = carry
+            return target_logit - (peak + jnp.log(total)), first == tc
 
         logp, correct = jax.lax.map(one, (hs, ts))
         logp = jnp.moveaxis(logp, 0, -2).reshape(*lead, -1)[..., :m]
