@@ -85,9 +85,9 @@ class EngineConfig:
         )
 
 
-# (CPU, accelerator) defaults. On CPU small calls keep the working set in cache (BENCHMARKS.md:
-# 2% faster than 16384/1024 on the 2-core host) and bound host memory; on GPU/TPU big calls keep
-# the matrix units busy.
+# (CPU, accelerator) defaults. On CPU small calls and 1024-entry vocabulary tiles keep the working
+# set in cache (BENCHMARKS.md, section 1) and bound host memory; on GPU/TPU big calls and the whole
+# vocabulary at once keep the matrix units busy.
 AUTO_TOKENS_PER_DEVICE = (2048, 16384)
 AUTO_LM_HEAD_TOKENS = (2048, 1024)
 AUTO_LM_HEAD_VOCAB_TILE = (1024, 0)

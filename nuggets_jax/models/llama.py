@@ -323,8 +323,7 @@ class Llama(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """LM head: hidden [..., D] -> logits [..., V] in float32."""
-        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+        return self._logits_slice(h, 0, self.config.vocab_size)
 
     def _logits_slice(self, h: jax.Array, start, width: int) -> jax.Array:
         """Logits [..., width] in float32 of the vocabulary entries start .. start + width - 1."""
