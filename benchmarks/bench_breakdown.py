@@ -1,7 +1,8 @@
 """Where one block's time goes: the real step program with parts of the model taken out.
 
 One candidate of the benchmark sample against every task, through the default `Engine`, timed
-four ways in one process (best of `--repeats` blocks each, after a warm-up block):
+four ways in one process (best of `--repeats` blocks each, after a warm-up block; with several
+devices the candidate fills every slot and the time is per candidate):
 
 - `full`: the program the one-shot pass runs;
 - `no attention`: the attention (over the prefix and the row) replaced by passing the queries
@@ -16,7 +17,7 @@ as a fraction of the matmul peak measured in the same run. The scores of the abl
 meaningless; only their time is used.
 
     python -m benchmarks.bench_breakdown --out benchmarks/results/breakdown.json
-    python -m benchmarks.bench_breakdown --engine.query_block 0 --engine.lm_head_vocab_tile 100000
+    python -m benchmarks.bench_breakdown --cpu_devices 1 --engine.lm_head_vocab_tile 100000
 """
 
 from __future__ import annotations
@@ -37,22 +38,28 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[st
     parser.add_argument("--tasks", default=str(common.DEFAULT_TASKS))
     parser.add_argument("--candidate", type=int, default=1, help="which candidate of the seed-0 sample of 8")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--cpu_devices", type=int, default=common.usable_cores(), help="XLA:CPU devices (default: one per usable core)"
+    )
     parser.add_argument("--out", default=None)
     return parser.parse_known_args(argv)
 
 
 def _time_block(engine: Any, prefix: Any, repeats: int) -> float:
-    engine.collect_block(engine.dispatch_block([prefix]))  # warm-up (compiled ahead of time already)
+    """Seconds per candidate: the candidate in every slot of a block (one per device), best of `repeats`."""
+    block = [prefix] * engine.slots
+    engine.collect_block(engine.dispatch_block(block))  # warm-up (compiled ahead of time already)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        engine.collect_block(engine.dispatch_block([prefix]))
+        engine.collect_block(engine.dispatch_block(block))
         best = min(best, time.perf_counter() - t0)
-    return best
+    return best / engine.slots
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, rest = _parse_args(argv)
+    common.set_cpu_devices(args.cpu_devices)
     from benchmarks.bench_scoring import _engine_config, _engine_facts
     from nuggets_jax import scoring
     from nuggets_jax.models import llama, load_model

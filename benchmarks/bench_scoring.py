@@ -60,6 +60,9 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[st
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument("--matmul_repeats", type=int, default=10)
     parser.add_argument("--xla_flags", default=None, help="appended to XLA_FLAGS before jax is imported")
+    parser.add_argument(
+        "--cpu_devices", type=int, default=common.usable_cores(), help="XLA:CPU devices (default: one per usable core)"
+    )
     parser.add_argument("--progress", action="store_true", help="progress bars on stderr")
     parser.add_argument("--out", default=None, help="write every number here as JSON")
     args, rest = parser.parse_known_args(argv)
@@ -106,7 +109,7 @@ def _engine_facts(engine: Any) -> dict[str, Any]:
         "rows_per_group": lambda: engine.rows_per_group,
         "groups": lambda: len(engine.layout.groups),
         "fill": lambda: engine.layout.fill,
-        "attention_window": lambda: engine.window,
+        "task_windows": lambda: [list(w.shape) for w in engine.layout.groups[0].window_index],
         "slot_tokens_per_candidate": lambda: engine.layout.slot_tokens,
         "prefix_buckets": lambda: list(engine.buckets),
         "programs": lambda: engine.programs,
@@ -126,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, rest = _parse_args(argv)
     common.set_xla_flags(args.xla_flags)
     import jax
+
+    common.set_cpu_devices(args.cpu_devices)
 
     from nuggets_jax import one_shot, scoring
     from nuggets_jax.models import load_model

@@ -38,6 +38,22 @@ def set_xla_flags(flags: str | None) -> None:
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags]))
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_cpu_devices(count: int) -> None:
+    """Splits the host into `count` XLA:CPU devices; must run before jax's backend starts.
+
+    One device per core runs one candidate's program per core side by side (the engine shards
+    candidates over devices). A single device spreads each op over the cores instead, which leaves
+    cores idle in the many small attention and softmax ops of a block (BENCHMARKS.md, section 1).
+    """
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", max(1, count))
+
+
 # -- inputs ---------------------------------------------------------------------------------------
 
 

@@ -57,8 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scoring.max_prefix_buckets = 4
     config.scoring.lm_head_tokens = 0  # 0 = auto: 2048 on CPU, 1024 on GPU/TPU
     config.scoring.lm_head_vocab_tile = 0  # 0 = auto: 1024 on CPU, the whole vocabulary on GPU/TPU
-    config.scoring.attention_rows = 2  # task rows per attention chunk (0 = all rows at once)
-    config.scoring.query_block = 128  # queries per windowed row-attention block (0 = whole-row attention)
+    config.scoring.attention_queries = 0  # task-window queries per attention step; 0 = auto: 128 on CPU, all on GPU/TPU
+    config.scoring.max_window_widths = 4  # task-window widths (each task attends inside the narrowest that holds it)
     config.scoring.chunk_candidates = 32  # candidates per saved chunk
 
     # scoring.mode="adaptive" (nuggets_jax.adaptive). Metrics: win_rate | mean_logp_gain | token_acc_gain.

@@ -5,6 +5,10 @@ first-fit-decreasing into rows of `row_length` tokens (a task never spans two ro
 cut into groups of `rows_per_group`, one group per device call. Every group has the same shapes,
 so one compiled program serves all of them. Only the positions that predict a response token go
 through the LM head: `score_index` lists them, padded to a static count.
+
+Attention runs in task windows (`add_task_windows`): every task is gathered from its group's
+flattened rows into a window of the narrowest of a few widths that holds it, so a query attends
+only to its own task's keys (and the candidate's prefix) instead of a whole packed row.
 """
 
 from __future__ import annotations
@@ -27,10 +31,19 @@ class RowGroup:
     score_target: np.ndarray  # [M] int32: the response token it predicts
     score_slot: np.ndarray  # [M] int32: task slot in [0, S) it counts for, S = padding
     tasks: np.ndarray  # [S] int32: task column of each slot, -1 = empty slot
+    # Task windows (`add_task_windows`), one array per window width W: [n_W, W] flat indices (r * L + l)
+    # of each window's tokens, a task's first token first; unused windows and tails are don't-care.
+    window_index: tuple[np.ndarray, ...] = ()
+    window_back: np.ndarray | None = None  # [R * L] int32: each token's place in the concatenated windows
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (*self.tokens.shape, self.score_index.shape[0], self.tasks.shape[0])
+
+    @property
+    def program_shape(self) -> tuple:
+        """Everything that picks a compiled program: the shape and the window shapes."""
+        return (*self.shape, tuple(w.shape for w in self.window_index))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,51 +88,49 @@ def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
     return rows
 
 
-# Cost of a token slot grows with the row length through the attention over the row (measured on
-# the 2-core CPU with SmolLM2-135M: 9% more per slot at 512 than at 256 tokens).
-_ATTENTION_LENGTH_SCALE = 2600.0
+def deal_rows(lengths: Sequence[int], row_length: int, num_rows: int) -> list[list[int]] | None:
+    """Deals the tasks, longest first, over `num_rows` rows in snake order; None if they do not fit.
 
-
-def group_shape(num_rows: int, rows_per_call: int) -> tuple[int, int]:
-    """(groups, rows per group): the fewest groups of at most `rows_per_call` rows, balanced."""
-    groups = math.ceil(num_rows / max(1, rows_per_call))
-    return groups, math.ceil(num_rows / groups)
-
-
-def row_window(row_length: int, longest_task: int, block: int) -> tuple[int, int] | None:
-    """(block, lookback) of windowed row attention for rows holding tasks of at most `longest_task`
-    tokens, or None where it would not be cheaper than attending to the whole row.
-
-    A query at position i of its task needs the i <= longest_task - 1 row tokens before it; a
-    block of `block` queries therefore needs itself and the longest_task - 1 tokens before it,
-    rounded up to whole blocks (`models.llama.key_windows`).
+    Every row gets a like mix of long and short tasks (and about the same number of tokens), which
+    task windows need: all rows share one shape of windows, so a row holding many more tasks of one
+    width than the others would make every row compute that many windows. A task that does not fit
+    its turn's row goes to the row with the most room. Deterministic.
     """
-    if block <= 0 or row_length % block:
-        return None
-    lookback = math.ceil((longest_task - 1) / block) * block
-    return (block, lookback) if lookback + block < row_length else None
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = [[] for _ in range(num_rows)]
+    free = [row_length] * num_rows
+    for k, i in enumerate(order):
+        lap, turn = divmod(k, num_rows)
+        r = turn if lap % 2 == 0 else num_rows - 1 - turn
+        if lengths[i] > free[r]:
+            r = max(range(num_rows), key=lambda j: (free[j], -j))
+            if lengths[i] > free[r]:
+                return None
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
 
 
-def auto_row_length(
-    lengths: Sequence[int], tokens_per_call: int, query_block: int = 0, multiple: int = 64, max_factor: int = 4
-) -> int:
-    """The row length that computes the fewest (cost-weighted) token slots for these tasks.
+def fewest_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """`deal_rows` into the fewest rows of `row_length` tokens it fills."""
+    if max(lengths) > row_length:
+        raise ValueError(f"task of {max(lengths)} tokens does not fit a row of {row_length}")
+    for n in range(math.ceil(sum(lengths) / row_length), len(lengths) + 1):
+        rows = deal_rows(lengths, row_length, n)
+        if rows is not None:
+            return rows
+    raise AssertionError("unreachable: one task a row always fits")
 
-    Longer rows pack tasks tighter but, without a `row_window`, make each slot's attention
-    dearer; every multiple of `multiple` from the longest task up to `max_factor` times it is
-    tried on the real packing.
-    """
-    longest = max(lengths)
-    first = max(multiple, math.ceil(longest / multiple) * multiple)
-    best = None
-    for length in range(first, max(first, max_factor * longest) + 1, multiple):
-        groups, rows = group_shape(len(pack_rows(lengths, length)), tokens_per_call // length)
-        window = row_window(length, longest, query_block)
-        span = length if window is None else sum(window)
-        cost = groups * rows * length * (1 + span / _ATTENTION_LENGTH_SCALE)
-        if best is None or cost < best[0]:
-            best = (cost, length)
-    return best[1]
+
+def plan_rows(lengths: Sequence[int], tokens_per_row: int, multiple: int = 16) -> int:
+    """The row length for these tasks: as few rows of at most `tokens_per_row` tokens as `deal_rows`
+    fills (longer if the longest task needs it), each as short as the dealing allows, a multiple of
+    `multiple`. The row length costs nothing in attention, which runs in task windows."""
+    longest, total = max(lengths), sum(lengths)
+    cap = max(tokens_per_row, math.ceil(longest / multiple) * multiple)
+    n = len(fewest_rows(lengths, cap))
+    shortest = max(math.ceil(longest / multiple), math.ceil(total / n / multiple)) * multiple
+    return next(length for length in range(shortest, cap + 1, multiple) if deal_rows(lengths, length, n) is not None)
 
 
 def build_layout(
@@ -129,6 +140,7 @@ def build_layout(
     row_length: int,
     rows_per_group: int,
     score_multiple: int = 64,
+    rows: Sequence[Sequence[int]] | None = None,
 ) -> TaskLayout:
     """Packs the tasks `columns` (indices into `task_ids`) into row groups of identical shape.
 
@@ -139,10 +151,11 @@ def build_layout(
       row_length: L; at least the longest task.
       rows_per_group: R rows per device call.
       score_multiple: M is rounded up to a multiple of this.
+      rows: the packing (lists of positions in `columns`); default `pack_rows` (first-fit decreasing).
     """
     columns = [int(c) for c in columns]
     lengths = [len(task_ids[c]) for c in columns]
-    rows = pack_rows(lengths, row_length)
+    rows = pack_rows(lengths, row_length) if rows is None else rows
     n_groups = max(1, math.ceil(len(rows) / rows_per_group))
     grouped = [rows[g * rows_per_group : (g + 1) * rows_per_group] for g in range(n_groups)]
     max_slots = max(sum(len(row) for row in group) for group in grouped)
@@ -250,3 +263,45 @@ def pad_layout(layout: TaskLayout, rows: int, scored: int, slots: int) -> TaskLa
             )
         )
     return dataclasses.replace(layout, groups=groups)
+
+
+def task_spans(group: RowGroup) -> list[tuple[int, int]]:
+    """(flat start r * L + l, length) of every task in a group, in row order."""
+    segments = group.segment_ids.ravel()
+    first = np.flatnonzero((group.task_positions.ravel() == 0) & (segments >= 0))
+    ends = np.append(first[1:], segments.size)
+    # A task runs from its first token while the segment id stays the same (padding or the next task ends it).
+    return [(int(s), int(np.argmax(np.append(segments[s:e] != segments[s], True)))) for s, e in zip(first, ends)]
+
+
+def add_task_windows(layouts: Sequence[TaskLayout], widths: Sequence[int]) -> list[TaskLayout]:
+    """The layouts with task windows attached, one window shape for every group of every layout.
+
+    Each task gets a window of the narrowest of `widths` (ascending, the last >= every task) that
+    holds it: the `width` flat token indices from its first token on, clipped at the group's end
+    (a window's tail past its task is never read back: causal attention keeps the task's own
+    queries off it). `window_back` sends every task token to its place in the windows.
+    """
+    spans = [[task_spans(g) for g in lay.groups] for lay in layouts]
+    counts = np.zeros(len(widths), int)
+    for group_spans in (s for lay in spans for s in lay):
+        per_width = np.bincount([bucket_of(n, widths) for _, n in group_spans], minlength=len(widths))
+        counts = np.maximum(counts, per_width)
+    offsets = np.concatenate([[0], np.cumsum(counts * np.asarray(widths))])
+    out = []
+    for lay, lay_spans in zip(layouts, spans, strict=True):
+        groups = []
+        for g, group_spans in zip(lay.groups, lay_spans, strict=True):
+            size = g.tokens.size
+            index = [np.zeros((int(c), w), np.int32) for c, w in zip(counts, widths, strict=True)]
+            back = np.zeros(size, np.int32)
+            used = np.zeros(len(widths), int)
+            for start, n in group_spans:
+                b = bucket_of(n, widths)
+                j, used[b] = used[b], used[b] + 1
+                index[b][j] = np.minimum(start + np.arange(widths[b]), size - 1)
+                back[start : start + n] = offsets[b] + j * widths[b] + np.arange(n)
+            kept = tuple(a for a in index if a.shape[0])
+            groups.append(dataclasses.replace(g, window_index=kept, window_back=back))
+        out.append(dataclasses.replace(lay, groups=groups))
+    return out

@@ -25,18 +25,17 @@ from flax import nnx
 
 from nuggets_jax import sharding
 from nuggets_jax.data import TokenizedPrefixes, TokenizedTasks
-from nuggets_jax.models.llama import Llama, PrefixCache
+from nuggets_jax.models.llama import Llama, PrefixCache, TaskWindows
 from nuggets_jax.packing import (
     RowGroup,
     TaskLayout,
-    auto_row_length,
+    add_task_windows,
     bucket_of,
     build_layout,
-    group_shape,
-    pack_rows,
+    fewest_rows,
     pad_layout,
+    plan_rows,
     prefix_buckets,
-    row_window,
 )
 
 
@@ -52,17 +51,19 @@ class EngineConfig:
       candidates_per_device: candidates per device in one call (C = this x devices).
       tokens_per_device: target task tokens per device per call (candidates_per_device x R x L);
         the rows per call R follow from it. 0 = per platform (AUTO_TOKENS_PER_DEVICE).
-      row_length: L, tokens per packed task row; 0 = chosen by `packing.auto_row_length`.
+      row_length: L, tokens per packed task row (one row per candidate per call); 0 = chosen by
+        `packing.plan_rows` (fewest rows of at most tokens_per_device / candidates_per_device).
       max_prefix_buckets: prefix widths to compile (padding vs compile count).
       lm_head_tokens: positions per LM-head chunk per device (bounds the [.., V] logits);
         0 = per platform (AUTO_LM_HEAD_TOKENS).
       lm_head_vocab_tile: vocabulary entries per LM-head tile (running log-sum-exp over tiles, so
         the logits of a tile stay in cache); 0 = per platform (AUTO_LM_HEAD_VOCAB_TILE, where 0 is
         the whole vocabulary), a value >= the vocabulary size = the whole vocabulary.
-      attention_rows: task rows per attention chunk (0 = all at once); small chunks keep the scores in cache.
-      query_block: queries per block of windowed row attention: each block attends only to the keys
-        its tasks can reach (itself and the longest task's length before it), not the whole row.
-        0 = whole-row attention.
+      attention_queries: window queries per attention step: attention runs in task windows (each
+        task attends to the prefix and its own earlier tokens only), max(1, this // width) windows
+        at a time so their scores stay in cache; 0 = per platform (AUTO_ATTENTION_QUERIES, where 0
+        is every window at once).
+      max_window_widths: task-window widths to lay out (padding inside windows vs program size).
     """
 
     candidates_per_device: int = 1
@@ -71,8 +72,8 @@ class EngineConfig:
     max_prefix_buckets: int = 4
     lm_head_tokens: int = 0
     lm_head_vocab_tile: int = 0
-    attention_rows: int = 2
-    query_block: int = 128
+    attention_queries: int = 0
+    max_window_widths: int = 4
 
     def for_platform(self, platform: str) -> EngineConfig:
         """This config with the 0 (auto) sizes filled in for `platform` ("cpu", "gpu", "tpu")."""
@@ -82,15 +83,17 @@ class EngineConfig:
             tokens_per_device=self.tokens_per_device or AUTO_TOKENS_PER_DEVICE[accel],
             lm_head_tokens=self.lm_head_tokens or AUTO_LM_HEAD_TOKENS[accel],
             lm_head_vocab_tile=self.lm_head_vocab_tile or AUTO_LM_HEAD_VOCAB_TILE[accel],
+            attention_queries=self.attention_queries or AUTO_ATTENTION_QUERIES[accel],
         )
 
 
-# (CPU, accelerator) defaults. On CPU small calls and 1024-entry vocabulary tiles keep the working
-# set in cache (BENCHMARKS.md, section 1) and bound host memory; on GPU/TPU big calls and the whole
-# vocabulary at once keep the matrix units busy.
+# (CPU, accelerator) defaults. On CPU small calls, 1024-entry vocabulary tiles and one task window
+# per attention step keep the working set in cache (BENCHMARKS.md, section 1) and bound host memory;
+# on GPU/TPU big calls, the whole vocabulary and every window at once keep the matrix units busy.
 AUTO_TOKENS_PER_DEVICE = (2048, 16384)
 AUTO_LM_HEAD_TOKENS = (2048, 1024)
 AUTO_LM_HEAD_VOCAB_TILE = (1024, 0)
+AUTO_ATTENTION_QUERIES = (128, 1 << 30)
 
 
 def _encode_program(graphdef, state, tokens, mask) -> PrefixCache:
@@ -102,8 +105,7 @@ def _step_program(
     num_slots: int,
     lm_chunk: int,
     vocab_tile: int,
-    attention_rows: int,
-    window: tuple[int, int] | None,
+    attention_queries: int,
     state,
     cache,
     tokens,
@@ -112,10 +114,13 @@ def _step_program(
     score_index,
     score_target,
     score_slot,
+    window_index,
+    window_back,
 ):
     """[C, R, L] rows after each candidate's prefix -> per-slot sums: logp [C, S] f32, correct [C, S] i32."""
     model = nnx.merge(graphdef, state)
-    h = model.forward_rows(cache, tokens, task_positions, segment_ids, attention_rows, window)  # [C, R, L, D]
+    windows = TaskWindows(tuple(window_index), window_back, attention_queries)
+    h = model.forward_rows(cache, tokens, task_positions, segment_ids, windows)  # [C, R, L, D]
     c, d = h.shape[0], h.shape[-1]
     h = jnp.take_along_axis(h.reshape(c, -1, d), score_index[..., None], axis=1)  # [C, M, D]
     logp, correct = model.token_logprobs(h, score_target, lm_chunk, vocab_tile)  # [C, M]
@@ -186,13 +191,13 @@ class Engine:
         max_len = max(len(t) for t in tasks.ids)
         per_call = config.tokens_per_device // config.candidates_per_device
         lengths = [len(t) for t in tasks.ids]
-        self.row_length = config.row_length or auto_row_length(lengths, per_call, config.query_block)
+        self.row_length = config.row_length or plan_rows(lengths, per_call)
         if self.row_length < max_len:
             raise ScoringError(
                 f"scoring.row_length={self.row_length} is shorter than the longest task "
                 f"({max_len} tokens); set 0 (auto) or at least {max_len}."
             )
-        self.window = row_window(self.row_length, max_len, config.query_block)
+        self.window_widths = prefix_buckets(lengths, config.max_window_widths)
         self.layout = self._layouts([np.arange(self.num_tasks)])[0]
         self.subset_layouts = self._layouts(column_sets) if len(column_sets) else []
         self.rows_per_group = self.layout.groups[0].tokens.shape[0]
@@ -210,7 +215,7 @@ class Engine:
         self._encode, self._step = {}, {}
         data = sharding.data_sharding(self.mesh)
         cfg = model.config
-        shapes = sorted({lay.groups[0].shape for lay in [self.layout, *self.subset_layouts]})
+        shapes = {lay.groups[0].program_shape: lay.groups[0] for lay in [self.layout, *self.subset_layouts]}
         for width in self.buckets:
             tok = jax.ShapeDtypeStruct((self.slots, width), jnp.int32, sharding=data)
             msk = jax.ShapeDtypeStruct((self.slots, width), jnp.bool_, sharding=data)
@@ -225,19 +230,24 @@ class Engine:
                 sharding=_axis1(self.mesh),
             )
             cache = PrefixCache(kv, kv, msk, jax.ShapeDtypeStruct((self.slots,), jnp.int32, sharding=data))
-            for r, length, m, s in shapes:
+            for key, group in shapes.items():
+                r, length, m, s = group.shape
                 rows = jax.ShapeDtypeStruct((self.slots, r, length), jnp.int32, sharding=data)
                 score = jax.ShapeDtypeStruct((self.slots, m), jnp.int32, sharding=data)
-                static = (s, self.lm_chunk, config.lm_head_vocab_tile, config.attention_rows, self.window)
+                windows = tuple(
+                    jax.ShapeDtypeStruct((self.slots, *w.shape), jnp.int32, sharding=data) for w in group.window_index
+                )
+                back = jax.ShapeDtypeStruct((self.slots, r * length), jnp.int32, sharding=data)
+                static = (s, self.lm_chunk, config.lm_head_vocab_tile, config.attention_queries)
                 step = jax.jit(functools.partial(_step_program, graphdef, *static))
-                self._step[width, (r, length, m, s)] = step.lower(
-                    self.state, cache, rows, rows, rows, score, score, score
+                self._step[width, key] = step.lower(
+                    self.state, cache, rows, rows, rows, score, score, score, windows, back
                 ).compile()
         self.compile_s = time.perf_counter() - t0
         self.programs = len(self._encode) + len(self._step)
         self._group_arrays: dict[int, list[tuple[jax.Array, ...]]] = {}
         r, length = self.layout.groups[0].tokens.shape
-        span = "whole rows" if self.window is None else f"{self.window[1]}+{self.window[0]} keys"
+        span = "task windows of " + "/".join(str(w.shape[1]) for w in self.layout.groups[0].window_index)
         log(
             f"engine: {self.mesh.devices.size} device(s), C={self.slots} candidates/call, rows {r}x{length} "
             f"(fill {self.layout.fill:.0%}, {len(self.layout.groups)} group(s)), attention over {span}, "
@@ -246,18 +256,15 @@ class Engine:
         )
 
     def _layouts(self, column_sets: Sequence[Sequence[int]]) -> list[TaskLayout]:
-        """Layouts of the column sets, padded to one shape; rows per group sized by the largest set."""
+        """Layouts of the column sets, one row per group, padded to one shape (task windows included)."""
         lengths = [len(t) for t in self.tasks.ids]
-        n_rows = max(len(pack_rows([lengths[c] for c in cols], self.row_length)) for cols in column_sets)
-        per_call = self.config.tokens_per_device // (self.config.candidates_per_device * self.row_length)
-        # Balance the rows over the fewest groups that respect tokens_per_device (no mostly-empty group).
-        _, rows = group_shape(n_rows, per_call)
-        layouts = [
-            build_layout(self.tasks.ids, self.tasks.response_start, cols, self.row_length, rows) for cols in column_sets
-        ]
+        layouts = []
+        for cols in column_sets:
+            rows = fewest_rows([lengths[c] for c in cols], self.row_length)
+            layouts.append(build_layout(self.tasks.ids, self.tasks.response_start, cols, self.row_length, 1, rows=rows))
         m = max(g.shape[2] for lay in layouts for g in lay.groups)
         s = max(g.shape[3] for lay in layouts for g in lay.groups)
-        return [pad_layout(lay, rows, m, s) for lay in layouts]
+        return add_task_windows([pad_layout(lay, 1, m, s) for lay in layouts], self.window_widths)
 
     @property
     def _n_local(self) -> int:
@@ -266,9 +273,11 @@ class Engine:
     def _put(self, local: np.ndarray) -> jax.Array:
         return sharding.put_local(self.mesh, local, (self.slots, *local.shape[1:]))
 
-    def _put_group(self, groups: Sequence[RowGroup]) -> tuple[jax.Array, ...]:
+    def _put_group(self, groups: Sequence[RowGroup]) -> tuple:
         fields = ("tokens", "task_positions", "segment_ids", "score_index", "score_target", "score_slot")
-        return tuple(self._put(np.stack([getattr(g, f) for g in groups])) for f in fields)
+        arrays = tuple(self._put(np.stack([getattr(g, f) for g in groups])) for f in fields)
+        windows = tuple(self._put(np.stack(w)) for w in zip(*(g.window_index for g in groups), strict=True))
+        return (*arrays, windows, self._put(np.stack([g.window_back for g in groups])))
 
     def bucket_width(self, length: int) -> int:
         return self.buckets[bucket_of(length, self.buckets)]
@@ -297,7 +306,7 @@ class Engine:
         cache = self._encode_local(prefixes, width)
         if id(layout) not in self._group_arrays:
             self._group_arrays[id(layout)] = [self._put_group([g] * self._n_local) for g in layout.groups]
-        step = self._step[width, layout.groups[0].shape]
+        step = self._step[width, layout.groups[0].program_shape]
         return [
             (g, step(self.state, cache, *arrays))
             for g, arrays in zip(layout.groups, self._group_arrays[id(layout)], strict=True)
@@ -327,7 +336,7 @@ class Engine:
         cache = self._encode_local([zero_prefix] * self._n_local, width)
         for k in range(n_calls):
             mine = [groups[(k * self.slots + self.local.start + i) % len(groups)] for i in range(self._n_local)]
-            step = self._step[width, self.layout.groups[0].shape]
+            step = self._step[width, self.layout.groups[0].program_shape]
             logp_sum, correct_sum = step(self.state, cache, *self._put_group(mine))
             # Every process needs every task: gather the slots of all processes.
             all_logp = _gather_slots(logp_sum)

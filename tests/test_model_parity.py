@@ -10,6 +10,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from nuggets_jax import packing  # noqa: E402
 from nuggets_jax.models import llama  # noqa: E402
 from nuggets_jax.models.params import load_params  # noqa: E402
 
@@ -108,8 +109,8 @@ def test_left_padding_with_positions(pair):
         np.testing.assert_allclose(got[b, 18 - lengths[b] :], alone, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("window", [None, (4, 8)], ids=["whole_row", "windowed"])
-def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, window):
+@pytest.mark.parametrize("queries_per_step", [None, 0, 4], ids=["whole_row", "windows_at_once", "window_steps"])
+def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, queries_per_step):
     hf, ours = pair
     prefix_lengths = [5, 9]
     width = 10  # both prefixes right-padded to one width
@@ -121,23 +122,21 @@ def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, window):
         prefix_mask[c, : len(p)] = True
     cache = ours.encode_prefix(jnp.asarray(tokens), jnp.asarray(prefix_mask))
 
-    # One row, three tasks packed back to back, then padding. Windowed: blocks of 4 queries see
-    # the 8 row tokens before them, enough for tasks of up to 9 tokens; the 7-token task spans blocks.
+    # One row, three tasks packed back to back, then padding. Task windows of widths 4 and 8: the
+    # 7-token task's window reaches into the next task, the last task's window is clipped at the row end.
     tasks = [_random_ids(20, 4), _random_ids(21, 7), _random_ids(22, 3)]
-    row_len = 16
-    row = np.zeros(row_len, np.int32)
-    task_positions = np.zeros(row_len, np.int32)
-    segments = np.full(row_len, -1, np.int32)
-    start = 0
-    spans = []
-    for t, task in enumerate(tasks):
-        row[start : start + len(task)] = task
-        task_positions[start : start + len(task)] = np.arange(len(task))
-        segments[start : start + len(task)] = t
-        spans.append((start, len(task)))
-        start += len(task)
-    row_arrays = (jnp.asarray(a[None]) for a in (row, task_positions, segments))  # each [R=1, L]
-    h = ours.forward_rows(cache, *row_arrays, window=window)
+    row_len = 14
+    layout = packing.build_layout(tasks, np.ones(3, int), [0, 1, 2], row_len, 1, rows=[[0, 1, 2]])
+    group = packing.add_task_windows([layout], [4, 8])[0].groups[0]
+    assert [w.shape for w in group.window_index] == [(2, 4), (1, 8)]
+    spans = packing.task_spans(group)
+    windows = None
+    if queries_per_step is not None:
+        windows = llama.TaskWindows(
+            tuple(jnp.asarray(w) for w in group.window_index), jnp.asarray(group.window_back), queries_per_step
+        )
+    row_arrays = (jnp.asarray(a) for a in (group.tokens, group.task_positions, group.segment_ids))  # each [R=1, L]
+    h = ours.forward_rows(cache, *row_arrays, windows)
     assert h.shape == (2, 1, row_len, 64)
     logits = np.asarray(ours.logits(h))  # [C, R, L, V]
     for c, prefix in enumerate(prefixes):

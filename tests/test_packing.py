@@ -64,55 +64,64 @@ def test_prefix_buckets_minimise_padding_exactly():
     assert packing.bucket_of(widths[0] + 1, widths) == 1
 
 
-def test_group_shape_balances_rows_over_fewest_groups():
-    for num_rows, per_call in [(1, 8), (8, 8), (9, 8), (17, 8), (5, 0), (100, 7)]:
-        groups, rows = packing.group_shape(num_rows, per_call)
-        assert groups * rows >= num_rows
-        assert rows <= max(1, per_call)
-        assert groups == -(-num_rows // max(1, per_call))  # no more groups than needed
-        assert groups * (rows - 1) < num_rows  # no group could lose a row
-
-
-def test_auto_row_length_holds_every_task_and_beats_the_tightest_row():
+def test_fewest_rows_deals_every_task_into_balanced_rows():
     rng = np.random.default_rng(1)
-    lengths = rng.integers(20, 300, 200).tolist()
-    length = packing.auto_row_length(lengths, tokens_per_call=2048)
-    assert length % 64 == 0 and max(lengths) <= length <= 4 * max(lengths)
-
-    def slots(row_length):
-        groups, rows = packing.group_shape(len(packing.pack_rows(lengths, row_length)), 2048 // row_length)
-        return groups * rows * row_length * (1 + row_length / packing._ATTENTION_LENGTH_SCALE)
-
-    tightest = -(-max(lengths) // 64) * 64
-    assert slots(length) <= slots(tightest)
-    assert all(slots(length) <= slots(other) for other in range(tightest, 4 * max(lengths) + 1, 64))
-
-
-def test_row_window_covers_the_longest_task_and_only_when_cheaper():
-    for longest in (1, 2, 63, 64, 65, 199, 200, 201):
-        for block in (32, 64, 128):
-            for row_length in range(64, 1025, 64):
-                window = packing.row_window(row_length, longest, block)
-                if window is None:
-                    continue
-                assert window[0] == block and row_length % block == 0 and window[1] % block == 0
-                assert window[1] >= longest - 1  # a task's last token sees its first
-                assert window[1] < longest - 1 + block  # no whole block more than needed
-                assert sum(window) < row_length  # else the whole row is as cheap
-    assert packing.row_window(640, 200, 0) is None  # 0 = whole-row attention
-    assert packing.row_window(640, 200, 96) is None  # block must divide the row
-    assert packing.row_window(256, 200, 64) is None  # 256 + 64 keys: no cheaper than the row
-
-
-def test_auto_row_length_with_windows_packs_at_least_as_tightly():
-    rng = np.random.default_rng(0)
     lengths = rng.integers(20, 201, 100).tolist()
+    rows = packing.fewest_rows(lengths, 1900)
+    assert sorted(itertools.chain(*rows)) == list(range(100))
+    sums = [sum(lengths[i] for i in row) for row in rows]
+    assert max(sums) <= 1900 and len(rows) >= -(-sum(lengths) // 1900)
+    assert packing.deal_rows(lengths, 1900, len(rows) - 1) is None  # the fewest the dealing fills
+    assert max(sums) - min(sums) <= max(lengths)
+    # Every row holds a like mix of window widths (all rows share one shape of task windows).
+    widths = packing.prefix_buckets(lengths, 4)
+    counts = np.array([np.bincount([packing.bucket_of(lengths[i], widths) for i in row], minlength=4) for row in rows])
+    assert (counts.max(axis=0) - counts.min(axis=0)).max() <= 2
+    with pytest.raises(ValueError, match="does not fit"):
+        packing.fewest_rows([129], 128)
 
-    def fill(row_length):
-        groups, rows = packing.group_shape(len(packing.pack_rows(lengths, row_length)), 2048 // row_length)
-        return sum(lengths) / (groups * rows * row_length)
 
-    plain = packing.auto_row_length(lengths, 2048)
-    windowed = packing.auto_row_length(lengths, 2048, query_block=64)
-    # A windowed row's attention does not grow with its length, so longer, tighter rows win.
-    assert windowed > plain and fill(windowed) > fill(plain)
+def test_plan_rows_is_the_shortest_row_for_the_fewest_rows():
+    rng = np.random.default_rng(2)
+    for tokens_per_row in (256, 700, 2048):
+        lengths = rng.integers(5, 250, 60).tolist()
+        length = packing.plan_rows(lengths, tokens_per_row)
+        n = len(packing.fewest_rows(lengths, max(tokens_per_row, 256)))
+        assert length % 16 == 0 and max(lengths) <= length <= max(tokens_per_row, 256)
+        assert packing.deal_rows(lengths, length, n) is not None
+        shorter = length - 16
+        assert shorter < max(lengths) or packing.deal_rows(lengths, shorter, n) is None
+
+
+def test_task_windows_hold_each_task_in_the_narrowest_width():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(3, 60, 23).tolist()
+    ids = [rng.integers(0, 50, n).astype(np.int32) for n in lengths]
+    starts = np.ones(len(ids), int)
+    widths = [16, 32, 64]
+    subset = [0, 5, 6, 11, 17]
+    layouts = [
+        packing.build_layout(ids, starts, cols, 160, 1, rows=packing.fewest_rows([lengths[c] for c in cols], 160))
+        for cols in (range(len(ids)), subset)
+    ]
+    padded = [packing.pad_layout(lay, 1, 1024, 8) for lay in layouts]
+    windowed = packing.add_task_windows(padded, widths)
+    shapes = {tuple(w.shape for w in g.window_index) for lay in windowed for g in lay.groups}
+    assert len(shapes) == 1  # one compiled program for every group of every layout
+    seen = []
+    for lay in windowed:
+        for g in lay.groups:
+            flat = np.concatenate([w.ravel() for w in g.window_index])
+            ends = np.cumsum([w.size for w in g.window_index])
+            spans = packing.task_spans(g)
+            for start, n in spans:
+                where = g.window_back[start : start + n]
+                # The window holds the task's tokens in order from its first position ...
+                assert np.array_equal(flat[where], start + np.arange(n))
+                assert np.array_equal(where - where[0], np.arange(n))
+                # ... and is the narrowest width that holds it.
+                b = int(np.searchsorted(ends, where[0], side="right"))
+                assert g.window_index[b].shape[1] == min(w for w in widths if w >= n)
+                assert (where[0] - (ends[b - 1] if b else 0)) % g.window_index[b].shape[1] == 0
+            seen.append(sorted(n for _, n in spans))
+    assert sorted(itertools.chain(*seen[: len(windowed[0].groups)])) == sorted(lengths)

@@ -80,9 +80,9 @@ def test_padding_bucket_and_device_invariance(tiny, tmp_path):
     prefixes = D.tokenize_prefixes(tiny.tokenizer, _records(11, long_every=3), D.Template(), D.TokenPolicy())
     base = run(tiny, tasks, prefixes, tmp_path, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)), name="a")
     variants = [
-        (scoring.EngineConfig(tokens_per_device=64, row_length=128, max_prefix_buckets=1, attention_rows=0), None),
+        (scoring.EngineConfig(tokens_per_device=64, row_length=128, max_prefix_buckets=1, attention_queries=1 << 30), None),
         (scoring.EngineConfig(candidates_per_device=3, max_prefix_buckets=2, lm_head_tokens=16), None),
-        (scoring.EngineConfig(candidates_per_device=1, tokens_per_device=256, attention_rows=3), None),  # 8 devices
+        (scoring.EngineConfig(candidates_per_device=1, tokens_per_device=256, attention_queries=1), None),  # 8 devices
         (scoring.EngineConfig(candidates_per_device=2), Mesh(np.asarray(jax.devices()[:2]), ("data",))),
     ]
     assert jax.device_count() == 8
@@ -152,5 +152,7 @@ def test_engine_config_auto_sizes_per_platform():
     # CPU: vocabulary tiles keep the logits cache-sized; accelerators take the whole vocabulary.
     assert cpu.lm_head_vocab_tile > 0 and tpu.lm_head_vocab_tile == 0
     assert cpu.lm_head_tokens * cpu.lm_head_vocab_tile < tpu.lm_head_tokens * 32000
-    fixed = scoring.EngineConfig(tokens_per_device=512, lm_head_tokens=64, lm_head_vocab_tile=256)
+    # CPU: one task window's scores per attention step; accelerators: every window at once.
+    assert 0 < cpu.attention_queries < tpu.attention_queries
+    fixed = scoring.EngineConfig(tokens_per_device=512, lm_head_tokens=64, lm_head_vocab_tile=256, attention_queries=64)
     assert fixed.for_platform("gpu") == fixed  # explicit sizes are kept

@@ -188,18 +188,50 @@ def _row_chunked_attention(q, k, v, row_mask, prefix, rows_per_chunk: int) -> ja
     return jnp.moveaxis(out, 0, 1).reshape(q.shape)
 
 
-def key_windows(x: jax.Array, block: int, lookback: int, fill=0) -> jax.Array:
-    """[C, R, L, ...] -> [C, R * L/block, lookback + block, ...]: for each block of `block` queries,
-    the row's `lookback` entries before the block and the block itself (`fill` before the row start).
+def _masked(row_mask: jax.Array):
+    """The attention of whole rows without a prefix, under `row_mask` [C, R, L, L]."""
+    return lambda q, k, v, kv: _attention(q, k, v, row_mask, None)
 
-    `lookback` is a multiple of `block`. Built from shifted whole-block slices, so no gather.
+
+class TaskWindows(NamedTuple):
+    """Where attention runs for packed rows: every task in a window of its own (`packing.add_task_windows`).
+
+    A window holds a task's tokens from its first one on, so causal attention inside the window
+    is exactly the task's own attention, whatever the window's tail holds.
     """
-    c, r, length = x.shape[:3]
-    nb, back = length // block, lookback // block
-    pad = [(0, 0), (0, 0), (lookback, 0)] + [(0, 0)] * (x.ndim - 3)
-    xb = jnp.pad(x, pad, constant_values=fill).reshape(c, r, nb + back, block, *x.shape[3:])
-    windows = jnp.concatenate([xb[:, :, i : i + nb] for i in range(back + 1)], axis=3)
-    return windows.reshape(c, r * nb, lookback + block, *x.shape[3:])
+
+    index: tuple[jax.Array, ...]  # per width W: [n_W, W] or [C, n_W, W] flat row-token index of each window
+    back: jax.Array  # [R * L] or [C, R * L]: each row token's place in the concatenated windows
+    queries_per_step: int = 0  # window queries per attention step (a loop keeps them in cache); 0 = all
+
+
+def _task_window_attention(
+    q: jax.Array,  # [C, R, L, K, G, Dh]
+    k: jax.Array,  # [C, R, L, K, Dh]
+    v: jax.Array,  # [C, R, L, K, Dh]
+    windows: TaskWindows,
+    causal: tuple[jax.Array, ...],  # per width: bool [W, W] or [C, 1, W, W]
+    prefix: tuple[jax.Array, jax.Array, tuple[jax.Array, ...]] | None,  # k, v [C, P, K, Dh]; per-width masks
+) -> jax.Array:
+    """Attention of packed rows computed per task window, then put back in row order.
+
+    Every window gathers its task's queries, keys and values from the flattened rows and attends
+    over [prefix ++ window] with a causal mask: a query meets only its own task's earlier keys, so
+    none of the cross-task (masked) scores of a whole-row attention is computed.
+    """
+    c = q.shape[0]
+    flat = [a.reshape(c, -1, *a.shape[3:]) for a in (q, k, v)]  # [C, R * L, ...]
+    take = jax.vmap(lambda x, i: x[i]) if windows.back.ndim == 2 else (lambda x, i: x[:, i])
+    outs = []
+    for b, index in enumerate(windows.index):
+        qw, kw, vw = (take(x, index) for x in flat)  # [C, n_W, W, ...]
+        width = qw.shape[2]
+        pre = None if prefix is None else (prefix[0], prefix[1], prefix[2][b])
+        per_step = max(1, windows.queries_per_step // width) if windows.queries_per_step else qw.shape[1]
+        out = _row_chunked_attention(qw, kw, vw, causal[b], pre, per_step)
+        outs.append(out.reshape(c, -1, *out.shape[3:]))
+    out = take(jnp.concatenate(outs, axis=1), windows.back)  # [C, R * L, K, G, Dh]
+    return out.reshape(q.shape)
 
 
 def _decoder_layer(
@@ -208,17 +240,10 @@ def _decoder_layer(
     x: jax.Array,  # [C, R, L, D]
     cos: jax.Array,  # [C, R, L, Dh]
     sin: jax.Array,
-    row_mask: jax.Array,
+    attend,  # (q [C, R, L, K, G, Dh], k, v [C, R, L, K, Dh], this layer's prefix (k, v) or None) -> like q
     prefix_kv: tuple[jax.Array, jax.Array] | None,  # this layer's k, v [C, P, K, Dh]
-    prefix_mask: jax.Array | None,
-    attention_rows: int = 0,
-    window: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One pre-norm decoder layer; returns the new residual stream and this layer's (k, v).
-
-    With `window` = (block, lookback) the row attention runs per block of queries over that
-    block's key window (`key_windows`); `row_mask` and `prefix_mask` come in that layout.
-    """
+    """One pre-norm decoder layer; returns the new residual stream and this layer's (k, v)."""
     c, r, length, _ = x.shape
     kh, g, dh = config.num_kv_heads, config.groups, config.head_dim
     h = _rms_norm(x, p["input_norm"], config.rms_norm_eps)
@@ -227,18 +252,7 @@ def _decoder_layer(
     v = _linear(h, p["v_proj"], p.get("v_bias")).reshape(c, r, length, kh, dh)
     q = _apply_rope(q, cos, sin).reshape(c, r, length, kh, g, dh)
     k = _apply_rope(k, cos, sin)
-    prefix = None if prefix_kv is None else (*prefix_kv, prefix_mask)
-    qa, ka, va, rows_per_chunk = q, k, v, attention_rows
-    if window is not None:
-        block, lookback = window
-        qa = q.reshape(c, r * (length // block), block, kh, g, dh)
-        ka, va = key_windows(k, block, lookback), key_windows(v, block, lookback)
-        rows_per_chunk = attention_rows * (length // block)
-    if rows_per_chunk:
-        attn = _row_chunked_attention(qa, ka, va, row_mask, prefix, rows_per_chunk)
-    else:
-        attn = _attention(qa, ka, va, row_mask, prefix)
-    attn = attn.reshape(c, r, length, kh * g * dh)
+    attn = attend(q, k, v, prefix_kv).reshape(c, r, length, kh * g * dh)
     x = x + _linear(attn, p["o_proj"], p.get("o_bias"))
     h = _rms_norm(x, p["post_attention_norm"], config.rms_norm_eps)
     gate = _linear(h, p["gate_proj"], p.get("gate_bias"))
@@ -270,18 +284,15 @@ class Llama(nnx.Module):
         self,
         x: jax.Array,  # [C, R, L, D]
         positions: jax.Array,  # [C, R, L] int
-        row_mask: jax.Array,
+        attend,
         prefix: PrefixCache | None,
-        prefix_mask: jax.Array | None,
-        attention_rows: int = 0,
-        window: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         config = self.config
         cos, sin = _rope_tables(config, positions, self.dtype)
 
         def body(x, layer):
             params, kv = layer
-            return _decoder_layer(config, params, x, cos, sin, row_mask, kv, prefix_mask, attention_rows, window)
+            return _decoder_layer(config, params, x, cos, sin, attend, kv)
 
         kv_in = None if prefix is None else (prefix.keys, prefix.values)
         x, kv_out = jax.lax.scan(body, x, (self.layers.stacked(), kv_in))
@@ -312,7 +323,7 @@ class Llama(nnx.Module):
         causal = jnp.tril(jnp.ones((length, length), bool))
         row_mask = causal[None] & valid[:, None, :] & self._window(positions, positions)  # [B, L, L]
         x = self.embed[...][tokens][:, None]  # [B, 1, L, D]
-        h, _ = self._run_layers(x, positions[:, None], row_mask[:, None], None, None)
+        h, _ = self._run_layers(x, positions[:, None], _masked(row_mask[:, None]), None)
         return h[:, 0]
 
     def __call__(
@@ -350,7 +361,7 @@ class Llama(nnx.Module):
         causal = jnp.tril(jnp.ones((p, p), bool))
         row_mask = (causal[None] & mask[:, None, :] & self._window(positions, positions))[:, None]
         x = self.embed[...][tokens][:, None]
-        _, (keys, values) = self._run_layers(x, positions[:, None], row_mask, None, None)
+        _, (keys, values) = self._run_layers(x, positions[:, None], _masked(row_mask), None)
         # scan stacked [N, C, 1, P, K, Dh]; drop the row axis.
         return PrefixCache(keys[:, :, 0], values[:, :, 0], mask, jnp.sum(mask, axis=1).astype(jnp.int32))
 
@@ -360,8 +371,7 @@ class Llama(nnx.Module):
         tokens: jax.Array,  # [R, L] or [C, R, L] int
         task_positions: jax.Array,  # [R, L] or [C, R, L]: position inside its task, from 0
         segment_ids: jax.Array,  # [R, L] or [C, R, L]: task slot in the row, -1 for padding
-        attention_rows: int = 0,
-        window: tuple[int, int] | None = None,
+        windows: TaskWindows | None = None,
     ) -> jax.Array:
         """Hidden states [C, R, L, D] of task rows that follow each candidate's prefix.
 
@@ -369,35 +379,48 @@ class Llama(nnx.Module):
         of its candidate's prefix and to the earlier tokens of its own task. Its RoPE position is
         prefix length + position inside the task, exactly as if prefix and task were one sequence.
 
-        `window` = (block, lookback), both dividing L: each block of `block` queries attends only
-        to itself and the `lookback` row tokens before it instead of the whole row. Exact when no
-        task is longer than lookback + 1 tokens (`packing.row_window`); row attention then no
-        longer grows with the row length, so long rows pack tightly at no attention cost.
+        Without `windows` a row's attention is one masked [L, L] block (segment ids keep tasks
+        apart); with them every task attends inside its own window (`TaskWindows`), so the work no
+        longer grows with the row length and no cross-task score is computed.
         """
         c = prefix.mask.shape[0]
         tokens, task_positions, segment_ids = (
             jnp.broadcast_to(a, (c, *a.shape[-2:])) for a in (tokens, task_positions, segment_ids)
         )
         positions = prefix.lengths[:, None, None] + task_positions  # [C, R, L]
-        if window is not None and (positions.shape[-1] % window[0] or window[1] % window[0]):
-            raise ValueError(f"window (block, lookback) = {window} must divide the row length {positions.shape[-1]}")
-        if window is None:
-            q_seg, q_pos, k_seg, k_pos = segment_ids, task_positions, segment_ids, task_positions
-        else:  # queries [C, R * L/B, B], keys [C, R * L/B, lookback + B]
-            block, lookback = window
-            q_seg, q_pos = (a.reshape(c, -1, block) for a in (segment_ids, task_positions))
-            k_seg, k_pos = key_windows(segment_ids, block, lookback, -1), key_windows(task_positions, block, lookback)
-        same_task = q_seg[..., :, None] == k_seg[..., None, :]
-        earlier = q_pos[..., :, None] >= k_pos[..., None, :]
-        real = (k_seg >= 0)[..., None, :]
         absolute = prefix.lengths[:, None, None]
-        row_mask = same_task & earlier & real & self._window(absolute + q_pos, absolute + k_pos)
         p = prefix.mask.shape[1]
-        prefix_mask = jnp.broadcast_to(prefix.mask[:, None, None, :], (*q_pos.shape, p))
-        if self.config.sliding_window is not None:
-            prefix_mask = prefix_mask & self._window(absolute + q_pos, jnp.arange(p))
+
+        def prefix_mask(q_pos):  # q_pos [C, X, Q] -> [C, X, Q, P]
+            mask = jnp.broadcast_to(prefix.mask[:, None, None, :], (*q_pos.shape, p))
+            if self.config.sliding_window is not None:
+                mask = mask & self._window(absolute + q_pos, jnp.arange(p))
+            return mask
+
+        if windows is None:
+            same_task = segment_ids[..., :, None] == segment_ids[..., None, :]
+            earlier = task_positions[..., :, None] >= task_positions[..., None, :]
+            real = (segment_ids >= 0)[..., None, :]
+            row_mask = same_task & earlier & real & self._window(absolute + task_positions, absolute + task_positions)
+            pm = prefix_mask(task_positions)
+
+            def attend(q, k, v, kv):
+                return _attention(q, k, v, row_mask, (*kv, pm))
+        else:
+            causal, pms = [], []
+            for index in windows.index:
+                w = index.shape[-1]
+                q_pos = jnp.broadcast_to(jnp.arange(w), (c, 1, w))  # a window starts at its task's first token
+                causal.append(
+                    (q_pos[..., :, None] >= q_pos[..., None, :]) & self._window(absolute + q_pos, absolute + q_pos)
+                )
+                pms.append(prefix_mask(q_pos))
+
+            def attend(q, k, v, kv):
+                return _task_window_attention(q, k, v, windows, tuple(causal), (*kv, tuple(pms)))
+
         x = self.embed[...][tokens]
-        h, _ = self._run_layers(x, positions, row_mask, prefix, prefix_mask, attention_rows, window)
+        h, _ = self._run_layers(x, positions, attend, prefix)
         return h
 
     def token_logprobs(
