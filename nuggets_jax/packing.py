@@ -1,8 +1,9 @@
 """Static shapes: task rows (several tasks packed per row), row groups and prefix buckets.
 
-The task set is the same for every candidate, so its layout is built once: tasks are packed
-first-fit-decreasing into rows of `row_length` tokens (a task never spans two rows), and rows are
-cut into groups of `rows_per_group`, one group per device call. Every group has the same shapes,
+The task set is the same for every candidate, so its layout is built once: tasks are packed into
+rows of `row_length` tokens (a task never spans two rows; the scoring engine deals them in snake
+order, `plan_rows`, first-fit decreasing is the default), and rows are cut into groups of
+`rows_per_group`, one group per device call. Every group has the same shapes,
 so one compiled program serves all of them. Only the positions that predict a response token go
 through the LM head: `score_index` lists them, padded to a static count.
 
@@ -130,7 +131,8 @@ def plan_rows(lengths: Sequence[int], tokens_per_row: int, multiple: int = 16) -
     cap = max(tokens_per_row, math.ceil(longest / multiple) * multiple)
     n = len(fewest_rows(lengths, cap))
     shortest = max(math.ceil(longest / multiple), math.ceil(total / n / multiple)) * multiple
-    return next(length for length in range(shortest, cap + 1, multiple) if deal_rows(lengths, length, n) is not None)
+    shorter = (length for length in range(shortest, cap, multiple) if deal_rows(lengths, length, n) is not None)
+    return next(shorter, cap)  # `cap` itself fits n rows
 
 
 def build_layout(
@@ -271,7 +273,10 @@ def task_spans(group: RowGroup) -> list[tuple[int, int]]:
     first = np.flatnonzero((group.task_positions.ravel() == 0) & (segments >= 0))
     ends = np.append(first[1:], segments.size)
     # A task runs from its first token while the segment id stays the same (padding or the next task ends it).
-    return [(int(s), int(np.argmax(np.append(segments[s:e] != segments[s], True)))) for s, e in zip(first, ends)]
+    return [
+        (int(s), int(np.argmax(np.append(segments[s:e] != segments[s], True))))
+        for s, e in zip(first, ends, strict=True)
+    ]
 
 
 def add_task_windows(layouts: Sequence[TaskLayout], widths: Sequence[int]) -> list[TaskLayout]:

@@ -80,7 +80,10 @@ def test_padding_bucket_and_device_invariance(tiny, tmp_path):
     prefixes = D.tokenize_prefixes(tiny.tokenizer, _records(11, long_every=3), D.Template(), D.TokenPolicy())
     base = run(tiny, tasks, prefixes, tmp_path, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)), name="a")
     variants = [
-        (scoring.EngineConfig(tokens_per_device=64, row_length=128, max_prefix_buckets=1, attention_queries=1 << 30), None),
+        (
+            scoring.EngineConfig(tokens_per_device=64, row_length=128, max_prefix_buckets=1, attention_queries=1 << 30),
+            None,
+        ),
         (scoring.EngineConfig(candidates_per_device=3, max_prefix_buckets=2, lm_head_tokens=16), None),
         (scoring.EngineConfig(candidates_per_device=1, tokens_per_device=256, attention_queries=1), None),  # 8 devices
         (scoring.EngineConfig(candidates_per_device=2), Mesh(np.asarray(jax.devices()[:2]), ("data",))),
