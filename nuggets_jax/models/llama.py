@@ -7,7 +7,8 @@ compiles as one layer. Three entry points share the same layer code:
 - `encode_prefix`: a batch of candidate prefixes -> their per-layer K/V (`PrefixCache`);
 - `forward_rows`: rows of task tokens, every row attending to its candidate's cached prefix
   (broadcast inside the attention, never copied per row), several tasks per row allowed
-  (segment ids), then `token_logprobs` applies the LM head only where the caller asks.
+  (segment ids, or `TaskWindows`: each task attends inside its own window), then
+  `token_logprobs` applies the LM head only where the caller asks.
 
 Shape letters: N layers, C candidates, R rows, L row tokens, P prefix tokens, K kv heads,
 G query heads per kv head, H = K*G heads, Dh head dim, D model dim, F MLP dim, V vocab.
