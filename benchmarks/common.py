@@ -283,7 +283,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "cpu_flags": _cpu_flags(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus_usable": usable_cores(),
         "load_average": list(os.getloadavg()),
         "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
         "python": platform.python_version(),

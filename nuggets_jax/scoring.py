@@ -49,8 +49,8 @@ class EngineConfig:
 
     Attributes:
       candidates_per_device: candidates per device in one call (C = this x devices).
-      tokens_per_device: target task tokens per device per call (candidates_per_device x R x L);
-        the rows per call R follow from it. 0 = per platform (AUTO_TOKENS_PER_DEVICE).
+      tokens_per_device: target task tokens per device per call (candidates_per_device x L); the
+        row length L follows from it. 0 = per platform (AUTO_TOKENS_PER_DEVICE).
       row_length: L, tokens per packed task row (one row per candidate per call); 0 = chosen by
         `packing.plan_rows` (fewest rows of at most tokens_per_device / candidates_per_device).
       max_prefix_buckets: prefix widths to compile (padding vs compile count).

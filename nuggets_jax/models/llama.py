@@ -212,7 +212,7 @@ def _task_window_attention(
     v: jax.Array,  # [C, R, L, K, Dh]
     windows: TaskWindows,
     causal: tuple[jax.Array, ...],  # per width: bool [W, W] or [C, 1, W, W]
-    prefix: tuple[jax.Array, jax.Array, tuple[jax.Array, ...]] | None,  # k, v [C, P, K, Dh]; per-width masks
+    prefix: tuple[jax.Array, jax.Array, tuple[jax.Array, ...]],  # k, v [C, P, K, Dh]; per-width masks
 ) -> jax.Array:
     """Attention of packed rows computed per task window, then put back in row order.
 
@@ -227,7 +227,7 @@ def _task_window_attention(
     for b, index in enumerate(windows.index):
         qw, kw, vw = (take(x, index) for x in flat)  # [C, n_W, W, ...]
         width = qw.shape[2]
-        pre = None if prefix is None else (prefix[0], prefix[1], prefix[2][b])
+        pre = (prefix[0], prefix[1], prefix[2][b])
         per_step = max(1, windows.queries_per_step // width) if windows.queries_per_step else qw.shape[1]
         out = _row_chunked_attention(qw, kw, vw, causal[b], pre, per_step)
         outs.append(out.reshape(c, -1, *out.shape[3:]))
