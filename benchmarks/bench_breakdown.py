@@ -5,8 +5,9 @@ four ways in one process (best of `--repeats` blocks each, after a warm-up block
 devices the candidate fills every slot and the time is per candidate):
 
 - `full`: the program the one-shot pass runs;
-- `no attention`: the attention (over the prefix and the row) replaced by passing the queries
-  through (the Q/K/V and output projections, norms and MLP stay);
+- `no attention`: the attention (task windows over the prefix and the row: gathers, scores,
+  softmax) replaced by passing the queries through (the Q/K/V and output projections, norms and
+  MLP stay);
 - `no LM head`: log-probs replaced by a sum over the hidden state (no vocabulary matmul, no
   softmax);
 - `neither`: both taken out: the body's matmuls and element-wise work only.
@@ -71,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lengths = scoring.prefix_lengths_of(inputs.prefixes)
     peak = common.matmul_peak()["flops_per_s"]
 
-    real_attention, real_logprobs = llama._attention, llama.Llama.token_logprobs
+    real_attention, real_logprobs = llama._task_window_attention, llama.Llama.token_logprobs
 
-    def no_attention(q, k, v, row_mask, prefix):
+    def no_attention(q, k, v, windows, causal, prefix):
         return q + 0 * (k.sum() + v.sum())  # keep K/V live so their projections still run
 
     def no_lm_head(self, h, targets, chunk=512, vocab_tile=0):
@@ -89,13 +90,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seconds, facts = {}, {}
     try:
         for name, (attention, logprobs) in variants.items():
-            llama._attention, llama.Llama.token_logprobs = attention, logprobs
+            llama._task_window_attention, llama.Llama.token_logprobs = attention, logprobs
             engine = scoring.Engine(loaded.model, inputs.tokenized_tasks, lengths, engine_config, log=lambda m: None)
             seconds[name] = _time_block(engine, prefix, args.repeats)
             facts = _engine_facts(engine)
             print(f"[breakdown] {name}: {seconds[name]:.2f} s", file=sys.stderr, flush=True)
     finally:
-        llama._attention, llama.Llama.token_logprobs = real_attention, real_logprobs
+        llama._task_window_attention, llama.Llama.token_logprobs = real_attention, real_logprobs
 
     cfg = loaded.model.config
     body_flops = facts["slot_tokens_per_candidate"] * cfg.flops_per_token(lm_head=False)

@@ -53,11 +53,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scoring.mode = "exact"
     config.scoring.candidates_per_device = 1
     config.scoring.tokens_per_device = 0  # 0 = auto: 2048 on CPU, 16384 on GPU/TPU
-    config.scoring.row_length = 0  # 0 = auto (fewest cost-weighted token slots for these tasks)
+    config.scoring.row_length = 0  # 0 = auto (fewest rows of at most tokens_per_device tokens)
     config.scoring.max_prefix_buckets = 4
     config.scoring.lm_head_tokens = 0  # 0 = auto: 2048 on CPU, 1024 on GPU/TPU
     config.scoring.lm_head_vocab_tile = 0  # 0 = auto: 1024 on CPU, the whole vocabulary on GPU/TPU
     config.scoring.attention_queries = 0  # task-window queries per attention step; 0 = auto: 128 on CPU, all on GPU/TPU
+    config.scoring.attention_block = 0  # causal query block in a task window; 0 = auto: 64 on CPU, whole on GPU/TPU
     config.scoring.max_window_widths = 4  # task-window widths (each task attends inside the narrowest that holds it)
     config.scoring.chunk_candidates = 32  # candidates per saved chunk
 

@@ -63,6 +63,9 @@ class EngineConfig:
         task attends to the prefix and its own earlier tokens only), max(1, this // width) windows
         at a time so their scores stay in cache; 0 = per platform (AUTO_ATTENTION_QUERIES, where 0
         is every window at once).
+      attention_block: queries per causal block inside a task window: block j attends only to the
+        window's keys up to its own end, so most scores above the diagonal are skipped; 0 = per
+        platform (AUTO_ATTENTION_BLOCK), a value >= the widest window = whole windows.
       max_window_widths: task-window widths to lay out (padding inside windows vs program size).
     """
 
@@ -73,6 +76,7 @@ class EngineConfig:
     lm_head_tokens: int = 0
     lm_head_vocab_tile: int = 0
     attention_queries: int = 0
+    attention_block: int = 0
     max_window_widths: int = 4
 
     def for_platform(self, platform: str) -> EngineConfig:
@@ -84,16 +88,19 @@ class EngineConfig:
             lm_head_tokens=self.lm_head_tokens or AUTO_LM_HEAD_TOKENS[accel],
             lm_head_vocab_tile=self.lm_head_vocab_tile or AUTO_LM_HEAD_VOCAB_TILE[accel],
             attention_queries=self.attention_queries or AUTO_ATTENTION_QUERIES[accel],
+            attention_block=self.attention_block or AUTO_ATTENTION_BLOCK[accel],
         )
 
 
 # (CPU, accelerator) defaults. On CPU small calls, 1024-entry vocabulary tiles and one task window
-# per attention step keep the working set in cache (BENCHMARKS.md, section 1) and bound host memory;
-# on GPU/TPU big calls, the whole vocabulary and every window at once keep the matrix units busy.
+# per attention step in causal blocks of 64 queries keep the working set in cache and skip most
+# masked scores (BENCHMARKS.md, section 1) and bound host memory; on GPU/TPU big calls, the whole
+# vocabulary and every whole window at once keep the matrix units busy.
 AUTO_TOKENS_PER_DEVICE = (2048, 16384)
 AUTO_LM_HEAD_TOKENS = (2048, 1024)
 AUTO_LM_HEAD_VOCAB_TILE = (1024, 0)
 AUTO_ATTENTION_QUERIES = (128, 1 << 30)
+AUTO_ATTENTION_BLOCK = (64, 1 << 30)
 
 
 def _encode_program(graphdef, state, tokens, mask) -> PrefixCache:
@@ -106,6 +113,7 @@ def _step_program(
     lm_chunk: int,
     vocab_tile: int,
     attention_queries: int,
+    attention_block: int,
     state,
     cache,
     tokens,
@@ -119,7 +127,7 @@ def _step_program(
 ):
     """[C, R, L] rows after each candidate's prefix -> per-slot sums: logp [C, S] f32, correct [C, S] i32."""
     model = nnx.merge(graphdef, state)
-    windows = TaskWindows(tuple(window_index), window_back, attention_queries)
+    windows = TaskWindows(tuple(window_index), window_back, attention_queries, attention_block)
     h = model.forward_rows(cache, tokens, task_positions, segment_ids, windows)  # [C, R, L, D]
     c, d = h.shape[0], h.shape[-1]
     h = jnp.take_along_axis(h.reshape(c, -1, d), score_index[..., None], axis=1)  # [C, M, D]
@@ -238,7 +246,7 @@ class Engine:
                     jax.ShapeDtypeStruct((self.slots, *w.shape), jnp.int32, sharding=data) for w in group.window_index
                 )
                 back = jax.ShapeDtypeStruct((self.slots, r * length), jnp.int32, sharding=data)
-                static = (s, self.lm_chunk, config.lm_head_vocab_tile, config.attention_queries)
+                static = (s, self.lm_chunk, config.lm_head_vocab_tile, config.attention_queries, config.attention_block)
                 step = jax.jit(functools.partial(_step_program, graphdef, *static))
                 self._step[width, key] = step.lower(
                     self.state, cache, rows, rows, rows, score, score, score, windows, back

@@ -109,8 +109,12 @@ def test_left_padding_with_positions(pair):
         np.testing.assert_allclose(got[b, 18 - lengths[b] :], alone, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("queries_per_step", [None, 0, 4], ids=["whole_row", "windows_at_once", "window_steps"])
-def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, queries_per_step):
+@pytest.mark.parametrize(
+    "queries_per_step, query_block",
+    [(None, 0), (0, 0), (4, 0), (4, 3)],
+    ids=["whole_row", "windows_at_once", "window_steps", "causal_blocks"],
+)
+def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, queries_per_step, query_block):
     hf, ours = pair
     prefix_lengths = [5, 9]
     width = 10  # both prefixes right-padded to one width
@@ -133,7 +137,10 @@ def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, queries_per_st
     windows = None
     if queries_per_step is not None:
         windows = llama.TaskWindows(
-            tuple(jnp.asarray(w) for w in group.window_index), jnp.asarray(group.window_back), queries_per_step
+            tuple(jnp.asarray(w) for w in group.window_index),
+            jnp.asarray(group.window_back),
+            queries_per_step,
+            query_block,  # blocks of 2 and 2 in the 4-wide windows, 3, 3 and 2 in the 8-wide one
         )
     row_arrays = (jnp.asarray(a) for a in (group.tokens, group.task_positions, group.segment_ids))  # each [R=1, L]
     h = ours.forward_rows(cache, *row_arrays, windows)

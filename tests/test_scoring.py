@@ -157,5 +157,9 @@ def test_engine_config_auto_sizes_per_platform():
     assert cpu.lm_head_tokens * cpu.lm_head_vocab_tile < tpu.lm_head_tokens * 32000
     # CPU: one task window's scores per attention step; accelerators: every window at once.
     assert 0 < cpu.attention_queries < tpu.attention_queries
-    fixed = scoring.EngineConfig(tokens_per_device=512, lm_head_tokens=64, lm_head_vocab_tile=256, attention_queries=64)
+    # CPU: causal query blocks narrower than the paper's widest windows; accelerators: whole windows.
+    assert 0 < cpu.attention_block < 200 < tpu.attention_block
+    fixed = scoring.EngineConfig(
+        tokens_per_device=512, lm_head_tokens=64, lm_head_vocab_tile=256, attention_queries=64, attention_block=32
+    )
     assert fixed.for_platform("gpu") == fixed  # explicit sizes are kept

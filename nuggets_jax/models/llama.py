@@ -130,12 +130,13 @@ def _attention(
     k: jax.Array,  # [C, R, L, K, Dh]
     v: jax.Array,  # [C, R, L, K, Dh]
     row_mask: jax.Array,  # bool, broadcastable to [C, R, L(query), L(key)]
-    prefix: tuple[jax.Array, jax.Array, jax.Array] | None,  # k, v [C, P, K, Dh]; mask to [C, R, L, P]
+    prefix: tuple[jax.Array, jax.Array, jax.Array] | None,  # k, v head-major [C, K, P, Dh]; mask to [C, R, L, P]
 ) -> jax.Array:
     """Softmax attention over [prefix keys ++ row keys] in float32; returns [C, R, L, K, G, Dh].
 
     Everything runs head-major ([.., K, G, L, ..]) so every matmul reads and writes contiguous
-    blocks; the two transposes (queries in, output out) are the only layout changes.
+    blocks; the two transposes (queries in, output out) are the only layout changes (the prefix
+    comes head-major already: `_heads_major`, once per layer).
     """
     f32 = jnp.float32
     q = jnp.einsum("crlkgd->crkgld", q) * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
@@ -146,7 +147,6 @@ def _attention(
     peak = jnp.max(s_row, axis=-1, keepdims=True)
     if prefix is not None:
         kp, vp, prefix_mask = prefix
-        kp, vp = jnp.einsum("cpkd->ckpd", kp), jnp.einsum("cpkd->ckpd", vp)
         s_pre = jnp.einsum("crkgld,ckpd->crkglp", q, kp, preferred_element_type=f32)
         s_pre = jnp.where(prefix_mask[:, :, None, None], s_pre, _MASKED)
         peak = jnp.maximum(peak, jnp.max(s_pre, axis=-1, keepdims=True))
@@ -161,32 +161,29 @@ def _attention(
     return jnp.einsum("crkgld->crlkgd", out / denom).astype(q.dtype)
 
 
-def _row_chunked_attention(q, k, v, row_mask, prefix, rows_per_chunk: int) -> jax.Array:
-    """`_attention` over chunks of rows in a loop, so the [.., L, P + L] scores of one chunk stay in cache.
+def _heads_major(kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """A layer's prefix (k, v) [C, P, K, Dh] -> [C, K, P, Dh], the layout `_attention` reads."""
+    return tuple(jnp.einsum("cpkd->ckpd", x) for x in kv)
 
-    Rows are independent (each attends only to its own tokens and its candidate's prefix); running a
-    few at a time turns the softmax passes from memory-bound into cache-resident work.
+
+def _causal_blocks(q, k, v, causal, prefix, block: int) -> jax.Array:
+    """`_attention` of causal windows [C, N, W, ...] in query blocks of about `block` (0 = one block).
+
+    Queries of block j see only the window's keys up to the block's end, so the scores above the
+    diagonal of the later blocks are never computed (W = 208 in blocks of 52: 37% fewer scores).
     """
-    c, r = q.shape[:2]
-    n = max(d for d in range(1, min(rows_per_chunk, r) + 1) if r % d == 0)
-    if n == r:
-        return _attention(q, k, v, row_mask, prefix)
-    row_mask = jnp.broadcast_to(row_mask, (c, r, *row_mask.shape[2:]))
-
-    def split(x):  # [C, R, ...] -> [R/n, C, n, ...]
-        return jnp.moveaxis(x.reshape(c, r // n, n, *x.shape[2:]), 1, 0)
-
-    kp = vp = pm = None
-    if prefix is not None:
-        kp, vp, pm = prefix
-        pm = jnp.broadcast_to(pm, (c, r, *pm.shape[2:]))
-
-    def one(args):
-        qc, kc, vc, mc, pmc = args
-        return _attention(qc, kc, vc, mc, None if prefix is None else (kp, vp, pmc))
-
-    out = jax.lax.map(one, (split(q), split(k), split(v), split(row_mask), None if pm is None else split(pm)))
-    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+    width = q.shape[2]
+    n = 1 if block <= 0 else -(-width // block)
+    size = -(-width // n)
+    if n == 1:
+        return _attention(q, k, v, causal, prefix)
+    kp, vp, prefix_mask = prefix
+    outs = []
+    for s in range(0, width, size):
+        e = min(width, s + size)
+        pre = (kp, vp, prefix_mask[:, :, s:e])
+        outs.append(_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], causal[:, :, s:e, :e], pre))
+    return jnp.concatenate(outs, axis=2)
 
 
 def _masked(row_mask: jax.Array):
@@ -204,6 +201,7 @@ class TaskWindows(NamedTuple):
     index: tuple[jax.Array, ...]  # per width W: [n_W, W] or [C, n_W, W] flat row-token index of each window
     back: jax.Array  # [R * L] or [C, R * L]: each row token's place in the concatenated windows
     queries_per_step: int = 0  # window queries per attention step (a loop keeps them in cache); 0 = all
+    query_block: int = 0  # queries per causal block inside a window (skips the upper triangle); 0 = whole
 
 
 def _task_window_attention(
@@ -211,25 +209,40 @@ def _task_window_attention(
     k: jax.Array,  # [C, R, L, K, Dh]
     v: jax.Array,  # [C, R, L, K, Dh]
     windows: TaskWindows,
-    causal: tuple[jax.Array, ...],  # per width: bool [W, W] or [C, 1, W, W]
-    prefix: tuple[jax.Array, jax.Array, tuple[jax.Array, ...]],  # k, v [C, P, K, Dh]; per-width masks
+    causal: tuple[jax.Array, ...],  # per width: bool [C, 1, W, W]
+    prefix: tuple[jax.Array, jax.Array, tuple[jax.Array, ...]],  # k, v [C, K, P, Dh]; per width [C, 1, W, P]
 ) -> jax.Array:
     """Attention of packed rows computed per task window, then put back in row order.
 
     Every window gathers its task's queries, keys and values from the flattened rows and attends
     over [prefix ++ window] with a causal mask: a query meets only its own task's earlier keys, so
-    none of the cross-task (masked) scores of a whole-row attention is computed.
+    none of the cross-task (masked) scores of a whole-row attention is computed. With
+    `queries_per_step` the windows of a width run a few at a time in a loop that gathers them
+    itself, so a step's scores stay in cache and no window copy of the rows is materialised.
     """
     c = q.shape[0]
     flat = [a.reshape(c, -1, *a.shape[3:]) for a in (q, k, v)]  # [C, R * L, ...]
     take = jax.vmap(lambda x, i: x[i]) if windows.back.ndim == 2 else (lambda x, i: x[:, i])
     outs = []
     for b, index in enumerate(windows.index):
-        qw, kw, vw = (take(x, index) for x in flat)  # [C, n_W, W, ...]
-        width = qw.shape[2]
+        n, width = index.shape[-2:]
         pre = (prefix[0], prefix[1], prefix[2][b])
-        per_step = max(1, windows.queries_per_step // width) if windows.queries_per_step else qw.shape[1]
-        out = _row_chunked_attention(qw, kw, vw, causal[b], pre, per_step)
+
+        def attend(idx, b=b, pre=pre):  # idx [.., s, W] -> [C, s, W, K, G, Dh]
+            qw, kw, vw = (take(x, idx) for x in flat)
+            return _causal_blocks(qw, kw, vw, causal[b], pre, windows.query_block)
+
+        wanted = max(1, windows.queries_per_step // width) if windows.queries_per_step else n
+        per_step = max(d for d in range(1, min(wanted, n) + 1) if n % d == 0)
+        if per_step == n:
+            out = attend(index)
+        else:
+
+            def step(i, out, attend=attend, index=index, per_step=per_step):
+                idx = jax.lax.dynamic_slice_in_dim(index, i * per_step, per_step, axis=-2)
+                return jax.lax.dynamic_update_slice_in_dim(out, attend(idx), i * per_step, axis=1)
+
+            out = jax.lax.fori_loop(0, n // per_step, step, jnp.zeros((c, n, width, *q.shape[3:]), q.dtype))
         outs.append(out.reshape(c, -1, *out.shape[3:]))
     out = take(jnp.concatenate(outs, axis=1), windows.back)  # [C, R * L, K, G, Dh]
     return out.reshape(q.shape)
@@ -406,7 +419,7 @@ class Llama(nnx.Module):
             pm = prefix_mask(task_positions)
 
             def attend(q, k, v, kv):
-                return _attention(q, k, v, row_mask, (*kv, pm))
+                return _attention(q, k, v, row_mask, (*_heads_major(kv), pm))
         else:
             causal, pms = [], []
             for index in windows.index:
@@ -418,7 +431,7 @@ class Llama(nnx.Module):
                 pms.append(prefix_mask(q_pos))
 
             def attend(q, k, v, kv):
-                return _task_window_attention(q, k, v, windows, tuple(causal), (*kv, tuple(pms)))
+                return _task_window_attention(q, k, v, windows, tuple(causal), (*_heads_major(kv), tuple(pms)))
 
         x = self.embed[...][tokens]
         h, _ = self._run_layers(x, positions, attend, prefix)
