@@ -166,8 +166,44 @@ def _heads_major(kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]
     return tuple(jnp.einsum("cpkd->ckpd", x) for x in kv)
 
 
-def _causal_blocks(q, k, v, causal, prefix, block: int) -> jax.Array:
-    """`_attention` of causal windows [C, N, W, ...] in query blocks of about `block` (0 = one block).
+def _partial_attention(q, k, v, mask, shared_keys: bool = False):
+    """Unnormalised softmax attention of q [C, R, L, K, G, Dh] over one set of keys, in float32.
+
+    Keys and values are [C, R, M, K, Dh] (each r its own), or with `shared_keys` head-major
+    [C, K, M, Dh] for every r (a prefix); `mask` is bool, broadcastable to [C, R, L, M]. Returns
+    out [C, R, L, K, G, Dh] (value sum, not yet divided), peak and denom [C, R, L, K, G]: the
+    partial results that `_merge_partials` combines into the softmax over the union of key sets.
+    """
+    f32 = jnp.float32
+    q = jnp.einsum("crlkgd->crkgld", q) * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    if shared_keys:
+        s = jnp.einsum("crkgld,ckmd->crkglm", q, k, preferred_element_type=f32)
+    else:
+        k, v = jnp.einsum("crmkd->crkmd", k), jnp.einsum("crmkd->crkmd", v)
+        s = jnp.einsum("crkgld,crkmd->crkglm", q, k, preferred_element_type=f32)
+    s = jnp.where(mask[:, :, None, None], s, _MASKED)
+    peak = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - peak)
+    denom = jnp.sum(e, axis=-1)
+    pattern = "crkglm,ckmd->crkgld" if shared_keys else "crkglm,crkmd->crkgld"
+    out = jnp.einsum(pattern, e.astype(v.dtype), v, preferred_element_type=f32)
+    return (
+        jnp.einsum("crkgld->crlkgd", out),
+        jnp.einsum("crkgl->crlkg", peak[..., 0]),
+        jnp.einsum("crkgl->crlkg", denom),
+    )
+
+
+def _merge_partials(a, b) -> jax.Array:
+    """Softmax attention over the union of two key sets from their `_partial_attention` results."""
+    (out_a, peak_a, denom_a), (out_b, peak_b, denom_b) = a, b
+    peak = jnp.maximum(peak_a, peak_b)
+    wa, wb = jnp.exp(peak_a - peak), jnp.exp(peak_b - peak)
+    return (out_a * wa[..., None] + out_b * wb[..., None]) / (denom_a * wa + denom_b * wb)[..., None]
+
+
+def _causal_blocks(q, k, v, causal, block: int):
+    """`_partial_attention` of causal windows [C, N, W, ...] in query blocks of about `block` (0 = one).
 
     Queries of block j see only the window's keys up to the block's end, so the scores above the
     diagonal of the later blocks are never computed (W = 208 in blocks of 52: 37% fewer scores).
@@ -175,15 +211,17 @@ def _causal_blocks(q, k, v, causal, prefix, block: int) -> jax.Array:
     width = q.shape[2]
     n = 1 if block <= 0 else -(-width // block)
     size = -(-width // n)
-    if n == 1:
-        return _attention(q, k, v, causal, prefix)
-    kp, vp, prefix_mask = prefix
-    outs = []
-    for s in range(0, width, size):
-        e = min(width, s + size)
-        pre = (kp, vp, prefix_mask[:, :, s:e])
-        outs.append(_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], causal[:, :, s:e, :e], pre))
-    return jnp.concatenate(outs, axis=2)
+    parts = [
+        _partial_attention(
+            q[:, :, s : s + size], k[:, :, : s + size], v[:, :, : s + size], causal[:, :, s : s + size, : s + size]
+        )
+        for s in range(0, width, size)
+    ]
+    return tuple(jnp.concatenate(p, axis=2) for p in zip(*parts, strict=True))
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, max(1, min(at_most, n)) + 1) if n % d == 0)
 
 
 def _masked(row_mask: jax.Array):
@@ -200,7 +238,7 @@ class TaskWindows(NamedTuple):
 
     index: tuple[jax.Array, ...]  # per width W: [n_W, W] or [C, n_W, W] flat row-token index of each window
     back: jax.Array  # [R * L] or [C, R * L]: each row token's place in the concatenated windows
-    queries_per_step: int = 0  # window queries per attention step (a loop keeps them in cache); 0 = all
+    queries_per_step: int = 0  # queries per attention step, windows and prefix (a loop keeps them in cache); 0 = all
     query_block: int = 0  # queries per causal block inside a window (skips the upper triangle); 0 = whole
 
 
@@ -210,42 +248,71 @@ def _task_window_attention(
     v: jax.Array,  # [C, R, L, K, Dh]
     windows: TaskWindows,
     causal: tuple[jax.Array, ...],  # per width: bool [C, 1, W, W]
-    prefix: tuple[jax.Array, jax.Array, tuple[jax.Array, ...]],  # k, v [C, K, P, Dh]; per width [C, 1, W, P]
+    prefix: tuple[jax.Array, jax.Array, jax.Array],  # k, v [C, K, P, Dh]; mask [C, R * L, P] per row token
 ) -> jax.Array:
-    """Attention of packed rows computed per task window, then put back in row order.
+    """Attention of packed rows: each task over its own window, every row token over the prefix.
 
     Every window gathers its task's queries, keys and values from the flattened rows and attends
-    over [prefix ++ window] with a causal mask: a query meets only its own task's earlier keys, so
-    none of the cross-task (masked) scores of a whole-row attention is computed. With
-    `queries_per_step` the windows of a width run a few at a time in a loop that gathers them
-    itself, so a step's scores stay in cache and no window copy of the rows is materialised.
+    causally inside the window: a query meets only its own task's earlier keys, so none of the
+    cross-task (masked) scores of a whole-row attention is computed. The prefix part runs on the
+    row tokens themselves (no window slot is scored against the prefix), and the two partial
+    softmaxes are merged. With `queries_per_step` both run a few windows / row tokens at a time
+    in loops that slice their inputs themselves, so a step's scores stay in cache.
     """
-    c = q.shape[0]
-    flat = [a.reshape(c, -1, *a.shape[3:]) for a in (q, k, v)]  # [C, R * L, ...]
+    c, n_tokens = q.shape[0], q.shape[1] * q.shape[2]
+    flat = [a.reshape(c, n_tokens, *a.shape[3:]) for a in (q, k, v)]  # [C, R * L, ...]
     take = jax.vmap(lambda x, i: x[i]) if windows.back.ndim == 2 else (lambda x, i: x[:, i])
-    outs = []
+    head_shape = q.shape[3:-1]  # (K, G)
+
+    def zeros(n, width):  # partial-result buffers [C, n, width, K, G, Dh], [.., K, G] x 2
+        return (
+            jnp.zeros((c, n, width, *q.shape[3:]), jnp.float32),
+            jnp.zeros((c, n, width, *head_shape), jnp.float32),
+            jnp.zeros((c, n, width, *head_shape), jnp.float32),
+        )
+
+    def put(bufs, parts, at):
+        return tuple(jax.lax.dynamic_update_slice_in_dim(b, p, at, axis=1) for b, p in zip(bufs, parts, strict=True))
+
+    # Task windows, causal: partial results per window slot, then back in row order.
+    parts = []
     for b, index in enumerate(windows.index):
         n, width = index.shape[-2:]
-        pre = (prefix[0], prefix[1], prefix[2][b])
 
-        def attend(idx, b=b, pre=pre):  # idx [.., s, W] -> [C, s, W, K, G, Dh]
+        def attend(idx, b=b):  # idx [.., s, W] -> partials [C, s, W, ...]
             qw, kw, vw = (take(x, idx) for x in flat)
-            return _causal_blocks(qw, kw, vw, causal[b], pre, windows.query_block)
+            return _causal_blocks(qw, kw, vw, causal[b], windows.query_block)
 
-        wanted = max(1, windows.queries_per_step // width) if windows.queries_per_step else n
-        per_step = max(d for d in range(1, min(wanted, n) + 1) if n % d == 0)
+        per_step = _largest_divisor(n, max(1, windows.queries_per_step // width) if windows.queries_per_step else n)
         if per_step == n:
-            out = attend(index)
+            part = attend(index)
         else:
 
-            def step(i, out, attend=attend, index=index, per_step=per_step):
+            def step(i, bufs, attend=attend, index=index, per_step=per_step):
                 idx = jax.lax.dynamic_slice_in_dim(index, i * per_step, per_step, axis=-2)
-                return jax.lax.dynamic_update_slice_in_dim(out, attend(idx), i * per_step, axis=1)
+                return put(bufs, attend(idx), i * per_step)
 
-            out = jax.lax.fori_loop(0, n // per_step, step, jnp.zeros((c, n, width, *q.shape[3:]), q.dtype))
-        outs.append(out.reshape(c, -1, *out.shape[3:]))
-    out = take(jnp.concatenate(outs, axis=1), windows.back)  # [C, R * L, K, G, Dh]
-    return out.reshape(q.shape)
+            part = jax.lax.fori_loop(0, n // per_step, step, zeros(n, width))
+        parts.append(tuple(x.reshape(c, -1, *x.shape[3:]) for x in part))
+    window_part = tuple(take(jnp.concatenate(p, axis=1), windows.back) for p in zip(*parts, strict=True))
+
+    # The prefix, on the row tokens: `queries_per_step` (or fewer, a divisor) row tokens a step.
+    kp, vp, prefix_mask = prefix
+    tile = _largest_divisor(n_tokens, windows.queries_per_step or n_tokens)
+
+    def prefix_tile(start):
+        qt = jax.lax.dynamic_slice_in_dim(flat[0], start, tile, axis=1)[:, None]  # [C, 1, T, K, G, Dh]
+        mt = jax.lax.dynamic_slice_in_dim(prefix_mask, start, tile, axis=1)[:, None]  # [C, 1, T, P]
+        return _partial_attention(qt, kp, vp, mt, shared_keys=True)  # [C, 1, T, ...]
+
+    if tile == n_tokens:
+        prefix_part = tuple(x[:, 0] for x in prefix_tile(0))
+    else:
+        bufs = jax.lax.fori_loop(
+            0, n_tokens // tile, lambda i, bufs: put(bufs, prefix_tile(i * tile), i), zeros(n_tokens // tile, tile)
+        )
+        prefix_part = tuple(x.reshape(c, n_tokens, *x.shape[3:]) for x in bufs)
+    return _merge_partials(window_part, prefix_part).reshape(q.shape).astype(q.dtype)
 
 
 def _decoder_layer(
@@ -421,17 +488,17 @@ class Llama(nnx.Module):
             def attend(q, k, v, kv):
                 return _attention(q, k, v, row_mask, (*_heads_major(kv), pm))
         else:
-            causal, pms = [], []
+            causal = []
             for index in windows.index:
                 w = index.shape[-1]
                 q_pos = jnp.broadcast_to(jnp.arange(w), (c, 1, w))  # a window starts at its task's first token
                 causal.append(
                     (q_pos[..., :, None] >= q_pos[..., None, :]) & self._window(absolute + q_pos, absolute + q_pos)
                 )
-                pms.append(prefix_mask(q_pos))
+            pm = prefix_mask(task_positions).reshape(c, -1, p)  # [C, R * L, P]
 
             def attend(q, k, v, kv):
-                return _task_window_attention(q, k, v, windows, tuple(causal), (*_heads_major(kv), tuple(pms)))
+                return _task_window_attention(q, k, v, windows, tuple(causal), (*_heads_major(kv), pm))
 
         x = self.embed[...][tokens]
         h, _ = self._run_layers(x, positions, attend, prefix)
