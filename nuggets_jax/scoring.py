@@ -59,10 +59,10 @@ class EngineConfig:
       lm_head_vocab_tile: vocabulary entries per LM-head tile (running log-sum-exp over tiles, so
         the logits of a tile stay in cache); 0 = per platform (AUTO_LM_HEAD_VOCAB_TILE, where 0 is
         the whole vocabulary), a value >= the vocabulary size = the whole vocabulary.
-      attention_queries: window queries per attention step: attention runs in task windows (each
-        task attends to the prefix and its own earlier tokens only), max(1, this // width) windows
-        at a time so their scores stay in cache; 0 = per platform (AUTO_ATTENTION_QUERIES, where 0
-        is every window at once).
+      attention_queries: queries per attention step: attention runs in task windows (each task
+        attends to its own earlier tokens only), max(1, this // width) windows at a time, and the
+        row tokens attend to the prefix about this many at a time, so the scores stay in cache;
+        0 = per platform (AUTO_ATTENTION_QUERIES, where 0 is everything at once).
       attention_block: queries per causal block inside a task window: block j attends only to the
         window's keys up to its own end, so most scores above the diagonal are skipped; 0 = per
         platform (AUTO_ATTENTION_BLOCK), a value >= the widest window = whole windows.
