@@ -134,31 +134,15 @@ def _attention(
 ) -> jax.Array:
     """Softmax attention over [prefix keys ++ row keys] in float32; returns [C, R, L, K, G, Dh].
 
-    Everything runs head-major ([.., K, G, L, ..]) so every matmul reads and writes contiguous
-    blocks; the two transposes (queries in, output out) are the only layout changes (the prefix
-    comes head-major already: `_heads_major`, once per layer).
+    The row keys and the prefix keys are two `_partial_attention`s, merged (`_merge_partials`);
+    the prefix comes head-major already (`_heads_major`, once per layer).
     """
-    f32 = jnp.float32
-    q = jnp.einsum("crlkgd->crkgld", q) * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    k = jnp.einsum("crmkd->crkmd", k)
-    v = jnp.einsum("crmkd->crkmd", v)
-    s_row = jnp.einsum("crkgld,crkmd->crkglm", q, k, preferred_element_type=f32)
-    s_row = jnp.where(row_mask[:, :, None, None], s_row, _MASKED)
-    peak = jnp.max(s_row, axis=-1, keepdims=True)
-    if prefix is not None:
-        kp, vp, prefix_mask = prefix
-        s_pre = jnp.einsum("crkgld,ckpd->crkglp", q, kp, preferred_element_type=f32)
-        s_pre = jnp.where(prefix_mask[:, :, None, None], s_pre, _MASKED)
-        peak = jnp.maximum(peak, jnp.max(s_pre, axis=-1, keepdims=True))
-    e_row = jnp.exp(s_row - peak)
-    denom = jnp.sum(e_row, axis=-1, keepdims=True)  # [C, R, K, G, L, 1]
-    out = jnp.einsum("crkglm,crkmd->crkgld", e_row.astype(v.dtype), v, preferred_element_type=f32)
-    if prefix is not None:
-        e_pre = jnp.exp(s_pre - peak)
-        denom = denom + jnp.sum(e_pre, axis=-1, keepdims=True)
-        out = out + jnp.einsum("crkglp,ckpd->crkgld", e_pre.astype(vp.dtype), vp, preferred_element_type=f32)
-    # Normalise after the value product: [.., L, Dh] is smaller than the [.., L, P + L] weights.
-    return jnp.einsum("crkgld->crlkgd", out / denom).astype(q.dtype)
+    row = _partial_attention(q, k, v, row_mask)
+    if prefix is None:
+        out, _, denom = row
+        return (out / denom[..., None]).astype(q.dtype)
+    kp, vp, prefix_mask = prefix
+    return _merge_partials(row, _partial_attention(q, kp, vp, prefix_mask, shared_keys=True)).astype(q.dtype)
 
 
 def _heads_major(kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -478,12 +462,12 @@ class Llama(nnx.Module):
                 mask = mask & self._window(absolute + q_pos, jnp.arange(p))
             return mask
 
+        pm = prefix_mask(task_positions)  # [C, R, L, P]
         if windows is None:
             same_task = segment_ids[..., :, None] == segment_ids[..., None, :]
             earlier = task_positions[..., :, None] >= task_positions[..., None, :]
             real = (segment_ids >= 0)[..., None, :]
             row_mask = same_task & earlier & real & self._window(absolute + task_positions, absolute + task_positions)
-            pm = prefix_mask(task_positions)
 
             def attend(q, k, v, kv):
                 return _attention(q, k, v, row_mask, (*_heads_major(kv), pm))
@@ -495,10 +479,10 @@ class Llama(nnx.Module):
                 causal.append(
                     (q_pos[..., :, None] >= q_pos[..., None, :]) & self._window(absolute + q_pos, absolute + q_pos)
                 )
-            pm = prefix_mask(task_positions).reshape(c, -1, p)  # [C, R * L, P]
+            row_pm = pm.reshape(c, -1, p)  # [C, R * L, P]
 
             def attend(q, k, v, kv):
-                return _task_window_attention(q, k, v, windows, tuple(causal), (*_heads_major(kv), pm))
+                return _task_window_attention(q, k, v, windows, tuple(causal), (*_heads_major(kv), row_pm))
 
         x = self.embed[...][tokens]
         h, _ = self._run_layers(x, positions, attend, prefix)
