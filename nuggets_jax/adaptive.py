@@ -127,7 +127,10 @@ class _RoundScorer:
         t0 = time.perf_counter()
         # Same block plan as the exact run: by prefix bucket, then position.
         ordered = candidates[np.lexsort((candidates, self.widths[candidates]))]
-        blocks = one_shot.plan_blocks([int(i) for i in ordered], self.widths, engine.buckets, engine.slots)
+        deal = len(layout.groups) if engine.deal_groups else 0
+        blocks = one_shot.plan_blocks(
+            [int(i) for i in ordered], self.widths, engine.buckets, engine.slots, deal, engine.pair_flops
+        )
         row_of = {int(c): i for i, c in enumerate(candidates)}
         logp = np.full((len(candidates), len(cols)), np.nan, np.float32)
         correct = np.zeros((len(candidates), len(cols)), np.int32)
@@ -138,7 +141,7 @@ class _RoundScorer:
         blocks_out = one_shot.pipelined(engine, blocks, self.prefixes, self.widths, layout)
         for b, (block, (block_logp, block_correct)) in enumerate(blocks_out):
             mine = block[engine.local]
-            real = mine >= 0
+            real = one_shot.first_slots(block)[engine.local]
             block_logp, block_correct = block_logp[real][:, cols], block_correct[real][:, cols]  # [n, k]
             one_shot.check_finite(
                 block_logp, [self.candidate_ids[i] for i in mine[real]], [self.task_ids[c] for c in cols]
@@ -146,8 +149,8 @@ class _RoundScorer:
             rows.append((mine[real], block_logp, block_correct))
             for i, c in enumerate(mine[real]):
                 logp[row_of[int(c)]], correct[row_of[int(c)]] = block_logp[i], block_correct[i]
-            done = block[block >= 0]
-            self.stats.calls += 1 + len(layout.groups)
+            done = block[one_shot.first_slots(block)]
+            self.stats.calls += 1 + engine.calls_per_block(one_shot.dealt_candidates(block), layout)
             self.stats.candidates += len(done)
             self.stats.pairs += len(done) * len(cols)
             self.stats.task_tokens += len(done) * layout.real_tokens

@@ -77,7 +77,7 @@ def run_one_shot(
     widths = np.asarray([engine.bucket_width(int(x)) for x in lengths])
     # Candidates with only some columns (an adaptive run) are completed round by round by
     # nuggets_jax.adaptive before an exact run; any left partial here are scored again in full.
-    blocks = blocks_to_run(done_anywhere, widths, engine.buckets, engine.slots)
+    blocks = blocks_to_run(done_anywhere, widths, engine.buckets, engine.slots, engine.deal_groups, engine.pair_flops)
     blocks_per_chunk = max(1, chunk_candidates // engine.slots)
     next_seq = 1 + max((int(name.split("-")[1]) for name in chunk_names if name.startswith("one-")), default=-1)
     stats = PassStats()
@@ -95,12 +95,12 @@ def run_one_shot(
     chunk_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for b, (block, (block_logp, block_correct)) in enumerate(pipelined(engine, blocks, prefixes, widths)):
         mine = block[engine.local]
-        real = mine >= 0
+        real = first_slots(block)[engine.local]
         check_finite(block_logp[real], [candidate_ids[i] for i in mine[real]], task_ids)
         chunk_rows.append((mine[real], block_logp[real], block_correct[real]))
         logp[mine[real]], correct[mine[real]] = block_logp[real], block_correct[real]
-        real_global = block[block >= 0]
-        stats.calls += 1 + len(engine.layout.groups)
+        real_global = block[first_slots(block)]
+        stats.calls += 1 + engine.calls_per_block(dealt_candidates(block))
         stats.candidates += len(real_global)
         stats.pairs += len(real_global) * t
         stats.task_tokens += len(real_global) * engine.layout.real_tokens
@@ -126,42 +126,99 @@ def run_one_shot(
 def pipelined(engine: Engine, blocks: Sequence[np.ndarray], prefixes: TokenizedPrefixes, widths, layout=None):
     """Yields (block, (logp, correct)) for each block of candidate indices (-1 = empty slot).
 
+    logp and correct have one row per local slot (a dealt candidate's row in each of its slots).
     Block b + 1 is dispatched before block b is read back, so the host works while the devices
     compute. Every process passes the global block's prefix width, so all of them run one program.
     """
 
     def dispatch(block):
         width = int(max(widths[i] for i in block if i >= 0))
+        dealt = dealt_candidates(block)
+        if dealt is not None:
+            return dealt, engine.dispatch_dealt([prefixes.ids[i] for i in dealt], layout, width=width)
         mine = [prefixes.ids[i] if i >= 0 else None for i in block[engine.local]]
-        return engine.dispatch_block(mine, layout, width=width)
+        return None, engine.dispatch_block(mine, layout, width=width)
+
+    def collect(pending):
+        dealt, calls = pending
+        if dealt is None:
+            return engine.collect_block(calls)
+        logp, correct = engine.collect_dealt(calls, len(dealt), layout)
+        rank = np.arange(engine.local.start, engine.local.stop) % len(dealt)
+        return logp[rank], correct[rank]
 
     pending = dispatch(blocks[0]) if len(blocks) else None
     for b, block in enumerate(blocks):
         current = pending
         pending = dispatch(blocks[b + 1]) if b + 1 < len(blocks) else None
-        yield block, engine.collect_block(current)
+        yield block, collect(current)
 
 
-def plan_blocks(candidates: Sequence[int], widths: np.ndarray, buckets: Sequence[int], slots: int) -> list[np.ndarray]:
+def dealt_candidates(block: np.ndarray) -> np.ndarray | None:
+    """The k candidates of a dealt block (slot s holds candidate s % k), or None for a block of
+    one candidate per slot."""
+    real = block[block >= 0]
+    k = len(np.unique(real))
+    return block[:k] if k < len(real) else None
+
+
+def first_slots(block: np.ndarray) -> np.ndarray:
+    """Per slot: it holds a candidate's result to keep (a real candidate, the first of its slots)."""
+    seen: set[int] = set()
+    keep = np.zeros(len(block), bool)
+    for s, i in enumerate(block.tolist()):
+        keep[s] = i >= 0 and i not in seen
+        seen.add(i)
+    return keep
+
+
+def plan_blocks(
+    candidates: Sequence[int],
+    widths: np.ndarray,
+    buckets: Sequence[int],
+    slots: int,
+    groups: int = 0,
+    cost: Callable[[int], float] = float,
+) -> list[np.ndarray]:
     """Blocks of `slots` candidate indices (-1 = empty slot), each block within one prefix bucket.
 
     `candidates` come sorted by (bucket, position). A bucket's leftover (fewer than `slots`) moves up
     into the next wider bucket rather than running with empty slots (its prefixes are masked there,
-    so the scores do not change); only the very last block can have empty slots.
+    so the scores do not change).
+
+    With `groups` (row groups per candidate; 0 = never), a leftover of k candidates may instead run
+    as a dealt block (`Engine.dispatch_dealt`: slot s holds leftover[s % k], the candidates' row
+    groups dealt over the slots) at its own width, when that costs less than the next wider bucket;
+    `cost(width)` is one candidate's work at a prefix width. The last leftover is then always dealt.
+    Otherwise only the very last block can have empty slots.
     """
     blocks: list[np.ndarray] = []
     carry: list[int] = []
-    for width in buckets:
+    for b, width in enumerate(buckets):
         members = carry + [i for i in candidates if widths[i] == width]
         full = len(members) - len(members) % slots
         blocks += [np.asarray(members[k : k + slots], np.int64) for k in range(0, full, slots)]
         carry = members[full:]
+        if carry and groups:
+            k = len(carry)
+            wider = [w for w in buckets[b + 1 :] if any(widths[i] == w for i in candidates)]
+            dealt = -(-groups // (slots // k)) * slots / groups * cost(width)  # slot time, in candidates
+            if not wider or dealt <= k * cost(wider[0]):
+                blocks.append(np.asarray([carry[s % k] for s in range(slots)], np.int64))
+                carry = []
     if carry:
         blocks.append(np.asarray(carry + [-1] * (slots - len(carry)), np.int64))
     return blocks
 
 
-def blocks_to_run(done: np.ndarray, widths: np.ndarray, buckets: Sequence[int], slots: int) -> list[np.ndarray]:
+def blocks_to_run(
+    done: np.ndarray,
+    widths: np.ndarray,
+    buckets: Sequence[int],
+    slots: int,
+    groups: int = 0,
+    cost: Callable[[int], float] = float,
+) -> list[np.ndarray]:
     """The blocks of an uninterrupted run (`plan_blocks` over the whole pool) not yet finished.
 
     A resumed run replays the original plan rather than planning the rest afresh: a candidate's
@@ -170,7 +227,7 @@ def blocks_to_run(done: np.ndarray, widths: np.ndarray, buckets: Sequence[int], 
     part of (a kill between two processes' saves) runs again whole.
     """
     order = [int(i) for i in np.lexsort((np.arange(len(widths)), widths))]
-    return [b for b in plan_blocks(order, widths, buckets, slots) if not done[b[b >= 0]].all()]
+    return [b for b in plan_blocks(order, widths, buckets, slots, groups, cost) if not done[b[b >= 0]].all()]
 
 
 def _any_process(flags: np.ndarray) -> np.ndarray:

@@ -123,13 +123,19 @@ def fewest_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
     raise AssertionError("unreachable: one task a row always fits")
 
 
-def plan_rows(lengths: Sequence[int], tokens_per_row: int, multiple: int = 16) -> int:
+def plan_rows(lengths: Sequence[int], tokens_per_row: int, multiple: int = 16, rows_multiple: int = 1) -> int:
     """The row length for these tasks: as few rows of at most `tokens_per_row` tokens as `deal_rows`
     fills (longer if the longest task needs it), each as short as the dealing allows, a multiple of
-    `multiple`. The row length costs nothing in attention, which runs in task windows."""
+    `multiple`. The row length costs nothing in attention, which runs in task windows.
+
+    With `rows_multiple` m, a row count of at least m is rounded up to a multiple of m (shorter
+    rows), so one candidate's rows can be dealt evenly over m devices (`one_shot.plan_blocks`).
+    """
     longest, total = max(lengths), sum(lengths)
     cap = max(tokens_per_row, math.ceil(longest / multiple) * multiple)
     n = len(fewest_rows(lengths, cap))
+    if rows_multiple > 1 and n >= rows_multiple:
+        n = min(len(lengths), -(-n // rows_multiple) * rows_multiple)
     shortest = max(math.ceil(longest / multiple), math.ceil(total / n / multiple)) * multiple
     shorter = (length for length in range(shortest, cap, multiple) if deal_rows(lengths, length, n) is not None)
     return next(shorter, cap)  # `cap` itself fits n rows

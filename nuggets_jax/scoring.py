@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -199,7 +198,10 @@ class Engine:
         max_len = max(len(t) for t in tasks.ids)
         per_call = config.tokens_per_device // config.candidates_per_device
         lengths = [len(t) for t in tasks.ids]
-        self.row_length = config.row_length or plan_rows(lengths, per_call)
+        # One process: a lone candidate's rows can be dealt over the slots (`dispatch_dealt`), so
+        # plan a row count that divides evenly among them.
+        dealable = jax.process_count() == 1 and self.slots > 1
+        self.row_length = config.row_length or plan_rows(lengths, per_call, rows_multiple=self.slots if dealable else 1)
         if self.row_length < max_len:
             raise ScoringError(
                 f"scoring.row_length={self.row_length} is shorter than the longest task "
@@ -209,6 +211,8 @@ class Engine:
         self.layout = self._layouts([np.arange(self.num_tasks)])[0]
         self.subset_layouts = self._layouts(column_sets) if len(column_sets) else []
         self.rows_per_group = self.layout.groups[0].tokens.shape[0]
+        # Row groups a block leftover can deal over the slots (`one_shot.plan_blocks`); 0 = never.
+        self.deal_groups = len(self.layout.groups) if dealable else 0
         self.buckets = prefix_buckets(list(prefix_lengths), config.max_prefix_buckets)
         longest = self.buckets[-1] + self.row_length
         if longest > model.config.max_position_embeddings:
@@ -254,6 +258,7 @@ class Engine:
         self.compile_s = time.perf_counter() - t0
         self.programs = len(self._encode) + len(self._step)
         self._group_arrays: dict[int, list[tuple[jax.Array, ...]]] = {}
+        self._dealt_arrays: dict[tuple, tuple] = {}
         r, length = self.layout.groups[0].tokens.shape
         span = "task windows of " + "/".join(str(w.shape[1]) for w in self.layout.groups[0].window_index)
         log(
@@ -320,6 +325,56 @@ class Engine:
             for g, arrays in zip(layout.groups, self._group_arrays[id(layout)], strict=True)
         ]
 
+    def dispatch_dealt(
+        self, prefixes: Sequence[np.ndarray], layout: TaskLayout | None = None, width: int | None = None
+    ) -> list[tuple[np.ndarray, tuple]]:
+        """Starts a block of k <= C candidates whose row groups are dealt over the slots. Non-blocking.
+
+        Slot s runs candidate s % k; a candidate's groups go round its slots in turn, so a lone
+        candidate (a bucket's leftover, the zero-shot prefix) keeps every device busy instead of
+        one. Each call's slots run different groups after the same cached prefixes; `collect_dealt`
+        reads the block back. Every process passes the same `prefixes`.
+        """
+        layout = layout or self.layout
+        k, n_groups = len(prefixes), len(layout.groups)
+        if not 0 < k <= self.slots:
+            raise ValueError(f"{k} dealt prefixes for {self.slots} slots")
+        width = width or self.bucket_width(max(len(p) for p in prefixes))
+        cache = self._encode_local([prefixes[s % k] for s in range(self.local.start, self.local.stop)], width)
+        step = self._step[width, layout.groups[0].program_shape]
+        slots = np.arange(self.slots)
+        turn, rank = slots // k, slots % k  # a slot's place among its candidate's slots, and its candidate
+        share = np.asarray([len(range(c, self.slots, k)) for c in rank])  # slots per candidate
+        pending = []
+        for call in range(self.calls_per_block(prefixes, layout)):
+            group = call * share + turn  # [C] the group each slot runs; >= n_groups: a repeat, unread
+            key = (id(layout), *(group[self.local] % n_groups).tolist())
+            if key not in self._dealt_arrays:
+                self._dealt_arrays[key] = self._put_group([layout.groups[g] for g in key[1:]])
+            pending.append((group, step(self.state, cache, *self._dealt_arrays[key])))
+        return pending
+
+    def calls_per_block(self, dealt: Sequence[int] | None = None, layout: TaskLayout | None = None) -> int:
+        """Step calls of one block: one per row group, or for k dealt candidates their groups over the slots."""
+        n_groups = len((layout or self.layout).groups)
+        return n_groups if dealt is None else -(-n_groups // (self.slots // len(dealt)))
+
+    def collect_dealt(self, pending: list[tuple[np.ndarray, tuple]], k: int, layout: TaskLayout | None = None):
+        """Waits for a `dispatch_dealt` block of k candidates; returns logp [k, T] and correct [k, T]
+        on every process."""
+        layout = layout or self.layout
+        logp = np.full((k, self.num_tasks), np.nan, np.float32)
+        correct = np.zeros((k, self.num_tasks), np.int32)
+        for group, (logp_sum, correct_sum) in pending:
+            all_logp, all_correct = _gather_slots(logp_sum), _gather_slots(correct_sum)
+            for s, g in enumerate(group):
+                if g < len(layout.groups):
+                    tasks = layout.groups[g].tasks
+                    used = tasks >= 0
+                    logp[s % k, tasks[used]] = all_logp[s, used]
+                    correct[s % k, tasks[used]] = all_correct[s, used]
+        return logp, correct
+
     def collect_block(self, pending: list[tuple[RowGroup, tuple]]) -> tuple[np.ndarray, np.ndarray]:
         """Waits for a block; returns this process's one_logp [C_local, T] and one_correct [C_local, T]."""
         logp = np.full((self._n_local, self.num_tasks), np.nan, np.float32)
@@ -336,28 +391,11 @@ class Engine:
         The row groups are spread over the slots of a few calls, one group per slot.
         """
         t0 = time.perf_counter()
-        width = self.bucket_width(len(zero_prefix))
-        groups = self.layout.groups
-        n_calls = math.ceil(len(groups) / self.slots)
-        logp = np.full(self.num_tasks, np.nan, np.float32)
-        correct = np.zeros(self.num_tasks, np.int32)
-        cache = self._encode_local([zero_prefix] * self._n_local, width)
-        for k in range(n_calls):
-            mine = [groups[(k * self.slots + self.local.start + i) % len(groups)] for i in range(self._n_local)]
-            step = self._step[width, self.layout.groups[0].program_shape]
-            logp_sum, correct_sum = step(self.state, cache, *self._put_group(mine))
-            # Every process needs every task: gather the slots of all processes.
-            all_logp = _gather_slots(logp_sum)
-            all_correct = _gather_slots(correct_sum)
-            for i in range(self.slots):
-                g = k * self.slots + i
-                if g < len(groups):
-                    used = groups[g].tasks >= 0
-                    logp[groups[g].tasks[used]] = all_logp[i, used]
-                    correct[groups[g].tasks[used]] = all_correct[i, used]
+        pending = self.dispatch_dealt([zero_prefix])
+        logp, correct = (x[0] for x in self.collect_dealt(pending, 1))
         stats = PassStats(
             wall_s=time.perf_counter() - t0,
-            calls=n_calls + 1,
+            calls=len(pending) + 1,
             candidates=1,
             pairs=self.num_tasks,
             task_tokens=self.layout.real_tokens,

@@ -93,6 +93,19 @@ def test_plan_rows_is_the_shortest_row_for_the_fewest_rows():
         assert shorter < max(lengths) or packing.deal_rows(lengths, shorter, n) is None
 
 
+def test_plan_rows_rounds_the_row_count_up_to_a_multiple():
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(20, 201, 100).tolist()
+    free = len(packing.fewest_rows(lengths, packing.plan_rows(lengths, 2048)))
+    for m in (2, 3, 4):
+        length = packing.plan_rows(lengths, 2048, rows_multiple=m)
+        rows = packing.fewest_rows(lengths, length)
+        assert len(rows) % m == 0 and free <= len(rows) < free + m
+        assert length % 16 == 0 and packing.deal_rows(lengths, length - 16, len(rows)) is None
+    # Fewer rows than the multiple: left alone (dealing them would leave slots idle anyway).
+    assert packing.plan_rows(lengths, 2048, rows_multiple=free + 1) == packing.plan_rows(lengths, 2048)
+
+
 def test_task_windows_hold_each_task_in_the_narrowest_width():
     rng = np.random.default_rng(3)
     lengths = rng.integers(3, 60, 23).tolist()

@@ -133,6 +133,45 @@ def test_plan_blocks_moves_leftovers_up():
     assert block_widths == sorted(block_widths) == [16, 32, 64]
 
 
+def test_plan_blocks_deals_a_leftover_when_carrying_it_costs_more():
+    widths = np.asarray([16, 16, 16, 64, 64, 64, 16])
+    order = [int(i) for i in np.lexsort((np.arange(7), widths))]
+    # Rows deal evenly (4 groups over 2 slots): a leftover runs at its own width, never carried.
+    blocks = one_shot.plan_blocks(order, widths, [16, 32, 64], slots=2, groups=4, cost=float)
+    assert [b.tolist() for b in blocks] == [[0, 1], [2, 6], [3, 4], [5, 5]]
+    # 3 groups over 2 slots idle a slot a third of the time: carry when the wider bucket is cheap...
+    widths[6] = 32
+    cheap = one_shot.plan_blocks(order, widths, [16, 32, 64], slots=2, groups=3, cost=lambda w: 1 + w / 1000)
+    assert [b.tolist() for b in cheap] == [[0, 1], [2, 6], [3, 4], [5, 5]]
+    # ... and deal when it is dear.
+    dear = one_shot.plan_blocks(order, widths, [16, 32, 64], slots=2, groups=3, cost=float)
+    assert [b.tolist() for b in dear] == [[0, 1], [2, 2], [6, 6], [3, 4], [5, 5]]
+    # Several leftovers share a dealt block: slot s holds leftover s % k.
+    blocks = one_shot.plan_blocks(list(range(5)), np.full(5, 16), [16], slots=4, groups=2)
+    assert [b.tolist() for b in blocks] == [[0, 1, 2, 3], [4, 4, 4, 4]]
+    blocks = one_shot.plan_blocks(list(range(6)), np.full(6, 16), [16], slots=4, groups=2)
+    assert [b.tolist() for b in blocks] == [[0, 1, 2, 3], [4, 5, 4, 5]]
+    assert one_shot.dealt_candidates(blocks[1]).tolist() == [4, 5]
+    assert one_shot.dealt_candidates(blocks[0]) is None
+    assert one_shot.first_slots(blocks[1]).tolist() == [True, True, False, False]
+
+
+def test_dealt_block_scores_like_one_candidate_per_slot(tiny):
+    tasks = D.tokenize_tasks(tiny.tokenizer, _records(9, 50, long_every=4), D.Template(), D.TokenPolicy())
+    prefixes = D.tokenize_prefixes(tiny.tokenizer, _records(3, long_every=2), D.Template(), D.TokenPolicy())
+    config = scoring.EngineConfig(row_length=128, max_prefix_buckets=1)
+    engine = scoring.Engine(tiny.model, tasks, scoring.prefix_lengths_of(prefixes), config, log=lambda m: None)
+    assert len(engine.layout.groups) >= 3 and engine.slots == 8
+    want_logp, want_correct = engine.collect_block(engine.dispatch_block(prefixes.ids))
+    for k in (1, 2, 3):
+        pending = engine.dispatch_dealt(prefixes.ids[:k])
+        assert len(pending) == engine.calls_per_block(prefixes.ids[:k])
+        logp, correct = engine.collect_dealt(pending, k)
+        assert not np.isnan(logp).any()
+        np.testing.assert_allclose(logp, want_logp[:k], atol=1e-5, rtol=1e-6)
+        assert np.array_equal(correct, want_correct[:k])
+
+
 def test_resume_replays_the_uninterrupted_block_plan():
     # Two processes: one saved its slots of block 0, the other was killed first. The rest must run
     # in the very blocks of the uninterrupted plan (same widths, same neighbours, same rounding).
