@@ -194,6 +194,7 @@ def plan_blocks(
     """
     blocks: list[np.ndarray] = []
     carry: list[int] = []
+    present = {int(widths[i]) for i in candidates}
     for b, width in enumerate(buckets):
         members = carry + [i for i in candidates if widths[i] == width]
         full = len(members) - len(members) % slots
@@ -201,7 +202,7 @@ def plan_blocks(
         carry = members[full:]
         if carry and groups:
             k = len(carry)
-            wider = [w for w in buckets[b + 1 :] if any(widths[i] == w for i in candidates)]
+            wider = [w for w in buckets[b + 1 :] if w in present]
             dealt = -(-groups // (slots // k)) * slots / groups * cost(width)  # slot time, in candidates
             if not wider or dealt <= k * cost(wider[0]):
                 blocks.append(np.asarray([carry[s % k] for s in range(slots)], np.int64))
