@@ -101,10 +101,14 @@ def _worker(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any]:
     if args.scores_out:
         np.savez(args.scores_out, one_logp=result.one_logp, one_correct=result.one_correct, zero_logp=zero_logp)
     flops = sum(engine.pair_flops(len(p)) for p in prefixes.ids)
-    # Blocks hold C candidates of one prefix bucket and every slot is computed, filled or not:
-    # the candidate slots computed, whatever engine change alters it, follow from the buckets.
-    widths = [engine.bucket_width(len(p)) for p in prefixes.ids]
-    computed_slots = sum(-(-widths.count(w) // engine.slots) * engine.slots for w in set(widths))
+    # Every slot of a call is computed, filled or not: count the candidate slots the pass's own
+    # block plan computes (a dealt block: its calls x C slot-rows, over the groups per candidate).
+    widths = np.asarray([engine.bucket_width(len(p)) for p in prefixes.ids])
+    plan = one_shot.blocks_to_run(
+        np.zeros(len(widths), bool), widths, engine.buckets, engine.slots, engine.deal_groups, engine.pair_flops
+    )
+    groups = len(engine.layout.groups)
+    computed_slots = sum(engine.calls_per_block(one_shot.dealt_candidates(b)) for b in plan) * engine.slots / groups
     seconds = result.stats.wall_s
     return {
         "candidates": len(ids),
