@@ -457,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(
         f"nuggets_jax one-shot useful FLOP/s / best matmul of either library ({best_any / 1e9:.1f} GFLOP/s): "
-        f"{100 * results['nuggets_jax']['useful_flops_per_s'] / best_any:.1f}%"
+        f"{100 * results['nuggets_jax']['fraction_of_best_matmul']:.1f}%"
     )
     facts = _engine_facts(engine)
     print(f"engine: {facts}; overrides {engine_overrides or 'none'}")

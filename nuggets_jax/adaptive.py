@@ -140,8 +140,8 @@ class _RoundScorer:
         rows = []
         blocks_out = one_shot.pipelined(engine, blocks, self.prefixes, self.widths, layout)
         for b, (block, (block_logp, block_correct)) in enumerate(blocks_out):
-            mine = block[engine.local]
-            real = one_shot.first_slots(block)[engine.local]
+            keep = one_shot.first_slots(block)
+            mine, real = block[engine.local], keep[engine.local]
             block_logp, block_correct = block_logp[real][:, cols], block_correct[real][:, cols]  # [n, k]
             one_shot.check_finite(
                 block_logp, [self.candidate_ids[i] for i in mine[real]], [self.task_ids[c] for c in cols]
@@ -149,7 +149,7 @@ class _RoundScorer:
             rows.append((mine[real], block_logp, block_correct))
             for i, c in enumerate(mine[real]):
                 logp[row_of[int(c)]], correct[row_of[int(c)]] = block_logp[i], block_correct[i]
-            done = block[one_shot.first_slots(block)]
+            done = block[keep]
             self.stats.calls += 1 + engine.calls_per_block(one_shot.dealt_candidates(block), layout)
             self.stats.candidates += len(done)
             self.stats.pairs += len(done) * len(cols)

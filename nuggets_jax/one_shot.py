@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from nuggets_jax.data import TokenizedPrefixes
-from nuggets_jax.scoring import Engine, PassStats, ScoringError
+from nuggets_jax.scoring import Engine, PassStats, ScoringError, dealt_calls
 
 
 def check_finite(logp: np.ndarray, candidate_ids: Sequence[str], task_ids: Sequence[str]) -> None:
@@ -94,12 +94,12 @@ def run_one_shot(
 
     chunk_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for b, (block, (block_logp, block_correct)) in enumerate(pipelined(engine, blocks, prefixes, widths)):
-        mine = block[engine.local]
-        real = first_slots(block)[engine.local]
+        keep = first_slots(block)
+        mine, real = block[engine.local], keep[engine.local]
         check_finite(block_logp[real], [candidate_ids[i] for i in mine[real]], task_ids)
         chunk_rows.append((mine[real], block_logp[real], block_correct[real]))
         logp[mine[real]], correct[mine[real]] = block_logp[real], block_correct[real]
-        real_global = block[first_slots(block)]
+        real_global = block[keep]
         stats.calls += 1 + engine.calls_per_block(dealt_candidates(block))
         stats.candidates += len(real_global)
         stats.pairs += len(real_global) * t
@@ -203,7 +203,7 @@ def plan_blocks(
         if carry and groups:
             k = len(carry)
             wider = [w for w in buckets[b + 1 :] if w in present]
-            dealt = -(-groups // (slots // k)) * slots / groups * cost(width)  # slot time, in candidates
+            dealt = dealt_calls(groups, slots, k) * slots / groups * cost(width)  # slot time, in candidates
             if not wider or dealt <= k * cost(wider[0]):
                 blocks.append(np.asarray([carry[s % k] for s in range(slots)], np.int64))
                 carry = []

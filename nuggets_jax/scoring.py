@@ -355,9 +355,9 @@ class Engine:
         return pending
 
     def calls_per_block(self, dealt: Sequence[int] | None = None, layout: TaskLayout | None = None) -> int:
-        """Step calls of one block: one per row group, or for k dealt candidates their groups over the slots."""
+        """Step calls of one block: one per row group, or for k dealt candidates `dealt_calls`."""
         n_groups = len((layout or self.layout).groups)
-        return n_groups if dealt is None else -(-n_groups // (self.slots // len(dealt)))
+        return n_groups if dealt is None else dealt_calls(n_groups, self.slots, len(dealt))
 
     def collect_dealt(self, pending: list[tuple[np.ndarray, tuple]], k: int, layout: TaskLayout | None = None):
         """Waits for a `dispatch_dealt` block of k candidates; returns logp [k, T] and correct [k, T]
@@ -414,6 +414,11 @@ class Engine:
         tasks = n.sum() * body + float(self.tasks.n_tokens.sum()) * head
         tasks += cfg.attention_flops(1.0, float(np.sum(n * (p + (n + 1) / 2))))
         return float(p * body + cfg.attention_flops(p, (p + 1) / 2) + tasks)
+
+
+def dealt_calls(groups: int, slots: int, k: int) -> int:
+    """Calls of a dealt block: k candidates' `groups` row groups each, over slots // k slots apiece."""
+    return -(-groups // (slots // k))
 
 
 def _axis1(mesh) -> jax.sharding.NamedSharding:
