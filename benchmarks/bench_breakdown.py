@@ -62,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, rest = _parse_args(argv)
     common.set_cpu_devices(args.cpu_devices)
     from benchmarks.bench_scoring import _engine_config, _engine_facts
-    from nuggets_jax import scoring
     from nuggets_jax.models import llama, load_model
+    from nuggets_jax.scoring import engine as scoring
 
     engine_config, _ = _engine_config(rest)
     loaded = load_model(args.model, "float32")

@@ -61,8 +61,9 @@ def _worker(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any]:
     if os.environ.get("JAX_NUM_CPU_DEVICES"):
         jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
     from benchmarks.bench_scoring import _engine_config
-    from nuggets_jax import one_shot, scoring
     from nuggets_jax.models import load_model
+    from nuggets_jax.scoring import engine as scoring
+    from nuggets_jax.scoring import one_shot as one_shot
     from nuggets_jax.store import ScoreStore
 
     engine_config, _ = _engine_config(engine_args)

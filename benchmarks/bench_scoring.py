@@ -19,7 +19,7 @@ useful work, padding and recomputation excluded.
     python -m benchmarks.bench_scoring --engine.candidates_per_device 2 --skip_torch --skip_no_cache
     python -m benchmarks.bench_scoring --xla_flags=--xla_cpu_use_onednn=true --skip_torch
 
-Any `--engine.NAME VALUE` is passed to `nuggets_jax.scoring.EngineConfig(NAME=VALUE)`.
+Any `--engine.NAME VALUE` is passed to `nuggets_jax.scoring.engine.EngineConfig(NAME=VALUE)`.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[st
 
 def _engine_config(rest: Sequence[str]) -> tuple[Any, dict[str, Any]]:
     """EngineConfig from `--engine.NAME VALUE` / `--engine.NAME=VALUE` (types from the field defaults)."""
-    from nuggets_jax.scoring import EngineConfig
+    from nuggets_jax.scoring.engine import EngineConfig
 
     fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
     defaults = EngineConfig()
@@ -134,8 +134,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     common.set_cpu_devices(args.cpu_devices)
 
-    from nuggets_jax import one_shot, scoring
     from nuggets_jax.models import load_model
+    from nuggets_jax.scoring import engine as scoring
+    from nuggets_jax.scoring import one_shot as one_shot
     from nuggets_jax.store import ScoreStore
 
     engine_config, engine_overrides = _engine_config(rest)
@@ -528,9 +529,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def tasks_cut_length(preset: str) -> int:
     """The preset's task cut (what the PyTorch baseline pads to)."""
-    from nuggets_jax import job
+    from nuggets_jax import data as data_lib
 
-    return int(job.PRESETS[preset]["max_task_tokens"])
+    return data_lib.PRESETS[preset].max_task_tokens
 
 
 if __name__ == "__main__":

@@ -120,6 +120,7 @@ def load_inputs(
     seed: int = 0,
     num_tasks: int | None = None,
     preset: str = "original",
+    overrides: dict[str, Any] | None = None,
 ) -> BenchInputs:
     """Reads pool and tasks, samples the candidates, tokenizes both under `preset`.
 
@@ -130,16 +131,14 @@ def load_inputs(
       num_candidates: how many candidates to sample (seeded, without replacement).
       seed: the sampling seed.
       num_tasks: keep only the first N tasks (smoke runs); None = all.
-      preset: a key of `nuggets_jax.job.PRESETS`.
+      preset: a key of `nuggets_jax.data.PRESETS`.
+      overrides: `data.*` token-policy fields (separator, max_prefix_tokens, max_task_tokens) over the preset.
 
     Returns:
       The sample, tokenized.
     """
     from nuggets_jax import data as data_lib
-    from nuggets_jax import job
 
-    if preset not in job.PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(job.PRESETS)}")
     pool = data_lib.read_records(pool_path, "pool")
     tasks = data_lib.read_records(tasks_path, "tasks")
     if num_tasks is not None:
@@ -148,7 +147,7 @@ def load_inputs(
         tasks = tasks[:num_tasks]
     indices = sample_indices(len(pool), num_candidates, seed)
     candidates = [pool[i] for i in indices]
-    policy = data_lib.TokenPolicy(**job.PRESETS[preset])
+    policy = data_lib.token_policy(preset, overrides)
     template = data_lib.Template()
     tokenized_tasks = data_lib.tokenize_tasks(tokenizer, tasks, template, policy, str(tasks_path))
     prefixes = data_lib.tokenize_prefixes(tokenizer, candidates, template, policy)

@@ -3,7 +3,7 @@
 The same Flax model, the same float32 numerics and the same LM-head-at-response-only trick as the
 engine, but each pair is `prefix ++ task` from position 0 (the prefix is recomputed for every
 task), pairs batched `rows` at a time into one fixed padded shape, compiled once. What it costs
-over `nuggets_jax.scoring` is what the prefix cache (and the packed, bucketed task rows) saves.
+over `nuggets_jax.scoring.engine` is what the prefix cache (and the packed, bucketed task rows) saves.
 
 Run alone (bench_scoring runs it side by side with the engine):
     python -m benchmarks.no_cache --num_candidates 2 --num_tasks 10

@@ -137,9 +137,8 @@ def projection(
 def token_means(tokenizer: Any, pool_path: str | os.PathLike, tasks_path: str | os.PathLike) -> dict[str, float]:
     """Mean prefix tokens over the whole pool, mean task and response tokens over the tasks (`original`)."""
     from nuggets_jax import data as data_lib
-    from nuggets_jax import job
 
-    policy = data_lib.TokenPolicy(**job.PRESETS["original"])
+    policy = data_lib.PRESETS["original"]
     template = data_lib.Template()
     pool = data_lib.read_records(pool_path, "pool")
     tasks = data_lib.tokenize_tasks(

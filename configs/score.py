@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import common
+from nuggets_jax import data
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,8 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pool = "default"  # .json/.jsonl; "default" = the generated pool (nuggets_jax.synthetic)
     config.data.tasks = "default"  # the predefined task set; "default" = generated held-out tasks
     config.data.max_candidates = 0  # score only the first N candidates (0 = all)
-    config.data.prompt_no_input = "Instruction:\n{instruction}\nResponse:\n"
-    config.data.prompt_with_input = "Instruction:\n{instruction}\nInput:\n{input}\nResponse:\n"
+    # The paper's prompt template (nuggets_jax.data.Template); override both to change it.
+    config.data.prompt_no_input = data.Template.prompt_no_input
+    config.data.prompt_with_input = data.Template.prompt_with_input
     # Preset values unless set here.
     config.data.separator = config_dict.placeholder(str)
     config.data.max_prefix_tokens = config_dict.placeholder(int)
@@ -62,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scoring.max_window_widths = 4  # task-window widths (each task attends inside the narrowest that holds it)
     config.scoring.chunk_candidates = 32  # candidates per saved chunk
 
-    # scoring.mode="adaptive" (nuggets_jax.adaptive). Metrics: win_rate | mean_logp_gain | token_acc_gain.
+    # scoring.mode="adaptive" (nuggets_jax.scoring.adaptive). Metrics: win_rate | mean_logp_gain | token_acc_gain.
     config.adaptive = ml_collections.ConfigDict()
     config.adaptive.confidence = 0.9  # P(all in/out decisions right) if union, else per candidate
     config.adaptive.union = True  # False: no joint guarantee, far fewer pairs (see the README)

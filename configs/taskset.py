@@ -9,6 +9,7 @@ overridden on the command line, e.g. `--config.source=pool.json --config.exclude
 import ml_collections
 
 from configs import common
+from nuggets_jax import data
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,8 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
 
     config.data = ml_collections.ConfigDict()
-    config.data.prompt_no_input = "Instruction:\n{instruction}\nResponse:\n"
-    config.data.prompt_with_input = "Instruction:\n{instruction}\nInput:\n{input}\nResponse:\n"
+    # The paper's prompt template (nuggets_jax.data.Template); override both to change it.
+    config.data.prompt_no_input = data.Template.prompt_no_input
+    config.data.prompt_with_input = data.Template.prompt_with_input
 
     config.embedding = ml_collections.ConfigDict()
     config.embedding.text = "full"  # full (prompt + output) | prompt | output

@@ -75,7 +75,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def exact_run(config, workdir: pathlib.Path, pool_path: pathlib.Path) -> tuple[dict, dict]:
     """scores.npz and run.json of the exact run (scored now unless they exist)."""
-    from nuggets_jax import job
+    from nuggets_jax.scoring import job as job
 
     exact_dir = pathlib.Path(config.exact_workdir or workdir / "exact")
     if not (exact_dir / "scores.npz").is_file():
@@ -118,10 +118,11 @@ def _number_or_text(value: str) -> int | float | str:
 
 def replay(scores: dict, config) -> list[dict]:
     """Every (metric, golden fraction, setting, confidence), averaged over task permutations."""
-    from nuggets_jax import report, select
-    from nuggets_jax.adaptive_config import AdaptiveConfig
-    from nuggets_jax.adaptive_intervals import known_range, per_task_values
-    from nuggets_jax.adaptive_rule import simulate, target_rule
+    from nuggets_jax import select
+    from nuggets_jax.scoring import report as report
+    from nuggets_jax.scoring.adaptive.config import AdaptiveConfig
+    from nuggets_jax.scoring.adaptive.intervals import known_range, per_task_values
+    from nuggets_jax.scoring.adaptive.rule import simulate, target_rule
 
     rows = []
     c = scores["one_logp"].shape[0]
@@ -171,8 +172,9 @@ def replay(scores: dict, config) -> list[dict]:
 def real_run(config, workdir: pathlib.Path, pool_path: pathlib.Path, scores: dict, exact_run_json: dict) -> dict:
     """One adaptive setting through the engine; its golden set against the exact one and its real cost."""
     from configs import score
-    from nuggets_jax import job, select
-    from nuggets_jax.adaptive_intervals import per_task_values
+    from nuggets_jax import select
+    from nuggets_jax.scoring import job as job
+    from nuggets_jax.scoring.adaptive.intervals import per_task_values
 
     if "mode" not in score.get_config().scoring:
         raise ValueError(

@@ -23,14 +23,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created).", r
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nuggets_jax import data, embedding, taskset, taskset_source
+    from nuggets_jax import data
+    from nuggets_jax.tasksets import build as taskset
+    from nuggets_jax.tasksets import embedding as embedding
+    from nuggets_jax.tasksets import source as taskset_source
 
     config = _CONFIG.value
     with cli.user_errors():
         spec = taskset.TaskSetSpec(config.construction, config.k, config.m, config.seed, config.n_init)
         spec.check()
         source = taskset_source.load_source(config.source, config.exclude or None, log=cli.log)
-        template = data.Template(config.data.prompt_no_input, config.data.prompt_with_input)
+        template = data.Template.from_config(config.data)
         if config.max_task_tokens:
             tokenizer = taskset_source.load_tokenizer(config.model.path)
             eligible = [source.records[i] for i in source.eligible]

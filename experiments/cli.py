@@ -15,16 +15,14 @@ def log(message: str) -> None:
 
 @contextlib.contextmanager
 def user_errors():
-    """A user mistake (ValueError and the store/scoring errors) exits 2 with its message, no traceback.
-
-    NUGGETS_DEBUG=1 shows the traceback anyway.
+    """A user mistake (`nuggets_jax.errors.UserError`, or a file not found) exits 2 with its message, no
+    traceback. NUGGETS_DEBUG=1 shows the traceback anyway.
     """
-    from nuggets_jax.scoring import ScoringError
-    from nuggets_jax.store import StoreError
+    from nuggets_jax.errors import UserError
 
     try:
         yield
-    except (ValueError, StoreError, ScoringError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         if os.environ.get("NUGGETS_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -19,7 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; reru
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nuggets_jax import compare
+    from nuggets_jax.finetune import compare as compare
 
     with cli.user_errors():
         results = compare.run_comparison(_CONFIG.value, _WORKDIR.value, log=cli.log)

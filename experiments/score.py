@@ -20,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; reru
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nuggets_jax import job
+    from nuggets_jax.scoring import job as job
 
     with cli.user_errors():
         run = job.run_score(_CONFIG.value, _WORKDIR.value, log=cli.log)

@@ -36,7 +36,7 @@ def sweep_function(config_path: str):
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nuggets_jax import sweep
+    from nuggets_jax.tasksets import sweep as sweep
 
     # The flag holds "file.py:ARGS"; the file is what comes before the first colon.
     path = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[0]

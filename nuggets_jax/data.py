@@ -11,15 +11,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from nuggets_jax.errors import UserError
+
 TEMPLATE_FIELDS = ("instruction", "input", "output")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file, the record and the fix."""
 
 
@@ -41,6 +43,11 @@ class Template:
 
     prompt_no_input: str = "Instruction:\n{instruction}\nResponse:\n"
     prompt_with_input: str = "Instruction:\n{instruction}\nInput:\n{input}\nResponse:\n"
+
+    @classmethod
+    def from_config(cls, data_config: Mapping[str, Any]) -> Template:
+        """The template of a config's `data` section (`prompt_no_input`, `prompt_with_input`)."""
+        return cls(data_config["prompt_no_input"], data_config["prompt_with_input"])
 
     def prompt(self, record: Record) -> str:
         if record.input:
@@ -69,6 +76,32 @@ class TokenPolicy:
     max_task_tokens: int = 512
 
 
+# The presets (docs/ARCHITECTURE.md, "Token spans"): `default` is TokenPolicy's defaults; `original`
+# reproduces the original repository (no separator, zero-shot without special tokens, tasks cut at 200).
+PRESETS: dict[str, TokenPolicy] = {
+    "default": TokenPolicy(),
+    "original": TokenPolicy(separator="", zero_shot_special=False, max_prefix_tokens=None, max_task_tokens=200),
+}
+POLICY_OVERRIDES = ("separator", "max_prefix_tokens", "max_task_tokens")
+
+
+def token_policy(preset: str, overrides: Mapping[str, Any] | None = None) -> TokenPolicy:
+    """The preset's policy with each override that is not None applied (`data.*` config fields).
+
+    Raises:
+      DataError: an unknown preset or a token cut below 1.
+    """
+    if preset not in PRESETS:
+        raise DataError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+    changes = {k: overrides.get(k) for k in POLICY_OVERRIDES} if overrides else {}
+    policy = dataclasses.replace(PRESETS[preset], **{k: v for k, v in changes.items() if v is not None})
+    for key in ("max_prefix_tokens", "max_task_tokens"):
+        value = getattr(policy, key)
+        if value is not None and value < 1:
+            raise DataError(f"data.{key} must be at least 1, got {value}.")
+    return policy
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizedTasks:
     """Task sequences (prompt ++ response ids after the cut) and their scored response spans."""
@@ -91,6 +124,62 @@ class TokenizedPrefixes:
 # -- reading ------------------------------------------------------------------------------------
 
 
+def read_objects(
+    path: str | pathlib.Path, field: str, error: type[UserError] = DataError
+) -> list[tuple[str, Any]]:
+    """(where, object) pairs of a `.json` file (a list) or a `.jsonl` file (one value a line).
+
+    The one reader of JSON record files. `where` is `file:line` (jsonl) or `file[index]` (json),
+    for error messages. A file that is neither `.json` nor `.jsonl` is read as jsonl unless it
+    starts with `[`. A UTF-8 byte-order mark is skipped.
+
+    Args:
+      path: the file.
+      field: the config field that names it (said in the message when the file is missing).
+      error: the UserError subclass raised (the caller's stage).
+
+    Raises:
+      error: naming the file, the line (jsonl) or index (json) and what to fix.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        hint = " (it is a directory)" if path.is_dir() else ""
+        raise error(f"{path}: file not found{hint}; set {field} to a .json or .jsonl file.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(
+            f"{path}:{line}: byte {e.start} is not valid UTF-8 ({data[e.start : e.start + 1]!r}); "
+            "re-encode the file as UTF-8."
+        ) from None
+    text = text.removeprefix("\ufeff")
+    if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
+        objects: list[tuple[str, Any]] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                objects.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise error(
+                    f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); "
+                    "each line of a .jsonl file must be one JSON object."
+                ) from None
+        return objects
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+    if not isinstance(loaded, list):
+        raise error(
+            f"{path}: expected a JSON list of records, got {type(loaded).__name__}; "
+            "wrap the records in [...] or use .jsonl."
+        )
+    return [(f"{path}[{i}]", obj) for i, obj in enumerate(loaded)]
+
+
 def read_records(path: str | pathlib.Path, role: str = "pool") -> list[Record]:
     """Reads a pool or task set from `.json` (a list of objects) or `.jsonl` (one object a line).
 
@@ -101,41 +190,7 @@ def read_records(path: str | pathlib.Path, role: str = "pool") -> list[Record]:
     if not path.is_file():
         hint = " (it is a directory)" if path.is_dir() else ""
         raise DataError(f"{path}: {role} file not found{hint}; set data.{role} to a .json or .jsonl file.")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: byte {e.start} is not valid UTF-8 ({data[e.start : e.start + 1]!r}); "
-            "re-encode the file as UTF-8."
-        ) from None
-    text = text.removeprefix("\ufeff")
-    stripped = text.lstrip()
-    objects: list[tuple[str, Any]] = []
-    if path.suffix == ".jsonl" or (path.suffix != ".json" and not stripped.startswith("[")):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                objects.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); "
-                    "each line of a .jsonl file must be one JSON object."
-                ) from None
-    else:
-        try:
-            loaded = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
-        if not isinstance(loaded, list):
-            raise DataError(
-                f"{path}: expected a JSON list of records, got {type(loaded).__name__}; "
-                "wrap the records in [...] or use .jsonl."
-            )
-        objects = [(f"{path}[{i}]", obj) for i, obj in enumerate(loaded)]
-    return records_from_objects(objects, str(path), role)
+    return records_from_objects(read_objects(path, f"data.{role}"), str(path), role)
 
 
 def records_from_objects(objects: Sequence[tuple[str, Any]], source: str, role: str = "pool") -> list[Record]:

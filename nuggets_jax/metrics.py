@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from nuggets_jax.errors import UserError
+
 METRICS = ("win_rate", "mean_logp_gain", "mean_ppl_drop", "token_acc_gain")
 
 METRIC_FORMULAS: dict[str, str] = {
@@ -28,7 +30,7 @@ METRIC_FORMULAS: dict[str, str] = {
 _STORE_KEYS = ("zero_logp", "zero_correct", "n_tokens", "one_logp", "one_correct")
 
 
-class MetricError(ValueError):
+class MetricError(UserError):
     """A metric name, task subset or score store that cannot be reduced."""
 
 

@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from nuggets_jax.errors import UserError
+
 # Record fields that are the example itself; everything else is carried into ranking.jsonl.
 _EXAMPLE_FIELDS = ("instruction", "input", "output", "id")
 GOLDEN_FIELD = "nuggets"
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError):
     """A selection criterion, ranking input or golden file that cannot be used."""
 
 

@@ -16,8 +16,10 @@ import zipfile
 
 import numpy as np
 
+from nuggets_jax.errors import UserError
 
-class StoreError(RuntimeError):
+
+class StoreError(UserError, RuntimeError):
     """The store cannot be written or read (disk full, not writable, corrupt chunk)."""
 
 

@@ -7,12 +7,16 @@ import types
 import numpy as np
 import pytest
 
-from nuggets_jax import adaptive, metrics, one_shot, scoring, select, store, synthetic
 from nuggets_jax import data as D
-from nuggets_jax.adaptive_config import METRICS, AdaptiveConfig, AdaptiveError, round_columns, visit_order
-from nuggets_jax.adaptive_intervals import confidence_interval, known_range, normal_interval, per_task_values
-from nuggets_jax.adaptive_rule import ACTIVE, IN, OUT, Rule, simulate, target_rule
+from nuggets_jax import metrics, select, store
 from nuggets_jax.models import load_model
+from nuggets_jax.scoring import engine as scoring
+from nuggets_jax.scoring import one_shot as one_shot
+from nuggets_jax.scoring.adaptive import rounds as adaptive
+from nuggets_jax.scoring.adaptive.config import METRICS, AdaptiveConfig, AdaptiveError, round_columns, visit_order
+from nuggets_jax.scoring.adaptive.intervals import confidence_interval, known_range, normal_interval, per_task_values
+from nuggets_jax.scoring.adaptive.rule import ACTIVE, IN, OUT, Rule, simulate, target_rule
+from nuggets_jax.synthetic import generate as synthetic
 
 
 def exact_top(values, n):
@@ -410,7 +414,7 @@ def test_errors(setup, tmp_path):
 def test_job_adaptive_mode_then_exact_completion(tiny_model_dir, tmp_path):
     """The scoring job with scoring.mode=adaptive, then exact on the same workdir."""
     from configs import score as score_config
-    from nuggets_jax import job
+    from nuggets_jax.scoring import job as job
 
     config = score_config.get_config()
     (tmp_path / "pool.json").write_text(json.dumps(synthetic.generate_pool(20, seed=5)))
@@ -439,7 +443,7 @@ def test_job_adaptive_mode_then_exact_completion(tiny_model_dir, tmp_path):
 
 def test_config_arguments_select_the_adaptive_mode():
     from configs import score as score_config
-    from nuggets_jax import job
+    from nuggets_jax.scoring import job as job
 
     assert score_config.get_config().scoring.mode == "exact"
     for name in ("safe", "fast"):
@@ -454,7 +458,7 @@ def test_config_arguments_select_the_adaptive_mode():
 
 
 def test_pairwise_in_rule_ignores_candidates_already_out():
-    from nuggets_jax.adaptive_rule import _pairwise_status
+    from nuggets_jax.scoring.adaptive.rule import _pairwise_status
 
     rng = np.random.default_rng(0)
     t = 100

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nuggets_jax import compare, data, evaluate, models, synthetic
+from nuggets_jax import data, models
+from nuggets_jax.finetune import compare as compare
+from nuggets_jax.finetune import evaluate as evaluate
+from nuggets_jax.synthetic import generate as synthetic
 
 OBJECTS = [
     {"instruction": "Add 2 and 3.", "output": "2 plus 3 is 5.", "category": "arithmetic"},

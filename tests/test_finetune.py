@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nuggets_jax import checkpoint, data, finetune, finetune_data, finetune_step, models
+from nuggets_jax import data, models
+from nuggets_jax.finetune import checkpoint as checkpoint
+from nuggets_jax.finetune import data as finetune_data
+from nuggets_jax.finetune import step as finetune_step
+from nuggets_jax.finetune import train as finetune
 from nuggets_jax.models.params import load_params
 
 OBJECTS = [

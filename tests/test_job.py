@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from nuggets_jax import metrics, synthetic
+from nuggets_jax import metrics
+from nuggets_jax.synthetic import generate as synthetic
 from tests.conftest import REPO
 
 
@@ -184,7 +185,8 @@ def test_disk_full_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, inputs, m
     import errno
 
     from configs import score as score_config
-    from nuggets_jax import job, store
+    from nuggets_jax import store
+    from nuggets_jax.scoring import job as job
 
     config = score_config.get_config()
     config.model.path = str(tiny_model_dir)

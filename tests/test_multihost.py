@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from nuggets_jax import synthetic
+from nuggets_jax.synthetic import generate as synthetic
 from tests.conftest import REPO
 
 

@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from benchmarks import torch_baseline
-from nuggets_jax import job, synthetic
 from nuggets_jax.models import load_model, resolve_model_dir
+from nuggets_jax.scoring import job as job
+from nuggets_jax.synthetic import generate as synthetic
 
 
 def _compare(model_dir, candidates, tasks, tmp_path, per_token_tol):

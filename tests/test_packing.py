@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from nuggets_jax import packing
+from nuggets_jax.scoring import packing as packing
 
 
 def test_pack_rows_fits_and_keeps_every_task():

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 
 from nuggets_jax.metrics import METRICS, compute_all
-from nuggets_jax.report import ReportError, write_report
+from nuggets_jax.scoring.report import ReportError, write_report
 from nuggets_jax.select import select, write_golden, write_ranking
 
 NUM_CANDIDATES, NUM_TASKS, GOLDEN_SIZE = 40, 12, 8
@@ -284,7 +284,7 @@ def test_errors_name_the_problem(tmp_path):
 
 def test_report_module_imports_neither_jax_nor_pyplot():
     code = (
-        "import sys, nuggets_jax.report; "
+        "import sys, nuggets_jax.scoring.report; "
         "bad = [m for m in ('jax', 'flax', 'matplotlib.pyplot') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -7,8 +7,10 @@ import pytest
 from jax.sharding import Mesh
 
 from nuggets_jax import data as D
-from nuggets_jax import one_shot, scoring, store
+from nuggets_jax import store
 from nuggets_jax.models import load_model
+from nuggets_jax.scoring import engine as scoring
+from nuggets_jax.scoring import one_shot as one_shot
 
 
 @pytest.fixture(scope="module")

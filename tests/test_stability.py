@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from nuggets_jax import stability
+from nuggets_jax.tasksets import stability as stability
 
 
 def test_spearman_and_kendall_by_hand():

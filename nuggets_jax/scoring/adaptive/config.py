@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from nuggets_jax.errors import UserError
+
 METRICS = ("win_rate", "mean_logp_gain", "token_acc_gain")
 
 
-class AdaptiveError(ValueError):
+class AdaptiveError(UserError):
     """A config, selection rule or store the adaptive mode cannot use; the message says what to change."""
 
 

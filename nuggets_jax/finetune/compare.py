@@ -23,17 +23,23 @@ import numpy as np
 from flax import nnx
 
 from nuggets_jax import data as data_lib
-from nuggets_jax import evaluate, finetune, finetune_data, finetune_step, job, synthetic
 from nuggets_jax import plots as plots_lib
 from nuggets_jax import select as select_lib
 from nuggets_jax import store as store_lib
+from nuggets_jax import synthetic
+from nuggets_jax.errors import UserError
+from nuggets_jax.finetune import data as finetune_data
+from nuggets_jax.finetune import evaluate as evaluate
+from nuggets_jax.finetune import step as finetune_step
+from nuggets_jax.finetune import train as finetune
 from nuggets_jax.metrics import METRICS
+from nuggets_jax.scoring import job as job
 
 VARIANTS = ("golden", "random", "full")
 _KIND_COLORS = {"golden": "tab:orange", "random": "tab:gray", "full": "tab:blue"}
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """A comparison config that cannot run; the message says what to change."""
 
 
@@ -152,7 +158,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     top_k = config.top_k or len(select_lib.read_golden(sdir / "golden.json"))
     values = _ranking_values(sdir / "ranking.jsonl", pool, metric)
     variants = choose_variants(values, top_k, list(config.variants), list(config.random_seeds))
-    template = data_lib.Template(score_config.data.prompt_no_input, score_config.data.prompt_with_input)
+    template = data_lib.Template.from_config(score_config.data)
 
     model_path = config.model.path or score_config.model.path
     loaded = models.load_model(model_path, dtype="float32")

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nuggets_jax import sharding
-from nuggets_jax.finetune_data import FinetuneError
+from nuggets_jax.finetune.data import FinetuneError
 from nuggets_jax.models import DTYPES
 from nuggets_jax.models.config import ModelConfig
 from nuggets_jax.models.llama import Llama, PrefixCache

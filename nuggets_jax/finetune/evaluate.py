@@ -28,13 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from nuggets_jax import data as data_lib
-from nuggets_jax import scoring, sharding
+from nuggets_jax import sharding
+from nuggets_jax.errors import UserError
 from nuggets_jax.models.llama import Llama
+from nuggets_jax.scoring import engine as scoring
 
 EVAL_FORMATS = ("auto", "records", "sinstruct", "alpaca_eval")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """An evaluation set or model state that cannot be evaluated; the message says what to fix."""
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from nuggets_jax import plots as plots_lib
-from nuggets_jax import stability
+from nuggets_jax.tasksets import stability as stability
 
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 

@@ -24,8 +24,9 @@ from flax import nnx
 
 from nuggets_jax import sharding
 from nuggets_jax.data import TokenizedPrefixes, TokenizedTasks
+from nuggets_jax.errors import UserError
 from nuggets_jax.models.llama import Llama, PrefixCache, TaskWindows
-from nuggets_jax.packing import (
+from nuggets_jax.scoring.packing import (
     RowGroup,
     TaskLayout,
     add_task_windows,
@@ -38,7 +39,7 @@ from nuggets_jax.packing import (
 )
 
 
-class ScoringError(RuntimeError):
+class ScoringError(UserError, RuntimeError):
     """Scoring cannot go on (non-finite log-probs, shapes the model cannot take)."""
 
 

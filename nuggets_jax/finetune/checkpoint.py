@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from nuggets_jax import store as store_lib
-from nuggets_jax.finetune_data import FinetuneError
+from nuggets_jax.finetune.data import FinetuneError
 from nuggets_jax.models import TOKENIZER_FILES
 from nuggets_jax.models.config import ModelConfig
 from nuggets_jax.models.params import load_params, save_params

@@ -37,13 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from nuggets_jax import one_shot, scoring
 from nuggets_jax import select as select_lib
 from nuggets_jax import store as store_lib
-from nuggets_jax.adaptive_config import AdaptiveConfig, AdaptiveError, round_columns
-from nuggets_jax.adaptive_intervals import known_range, per_task_values
-from nuggets_jax.adaptive_rule import IN, Decisions, Rule, decide
 from nuggets_jax.data import TokenizedPrefixes
+from nuggets_jax.scoring import engine as scoring
+from nuggets_jax.scoring import one_shot as one_shot
+from nuggets_jax.scoring.adaptive.config import AdaptiveConfig, AdaptiveError, round_columns
+from nuggets_jax.scoring.adaptive.intervals import known_range, per_task_values
+from nuggets_jax.scoring.adaptive.rule import IN, Decisions, Rule, decide
 
 CHUNK_PREFIX = "adaptive-r"
 

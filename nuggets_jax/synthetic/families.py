@@ -16,7 +16,7 @@ import itertools
 import json
 from collections.abc import Callable
 
-from nuggets_jax.synthetic_tables import (
+from nuggets_jax.synthetic.tables import (
     ADJECTIVES,
     CAPITALS,
     CONVERSIONS,

@@ -15,13 +15,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from nuggets_jax import data as data_lib
-from nuggets_jax.packing import bucket_of, prefix_buckets
+from nuggets_jax.errors import UserError
+from nuggets_jax.scoring.packing import bucket_of, prefix_buckets
 
 EMBEDDING_TEXTS = ("full", "prompt", "output")
 EMBEDDING = "mean of final hidden layer over real tokens"
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(UserError):
     """Examples or settings that cannot be embedded."""
 
 

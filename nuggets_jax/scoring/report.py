@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from nuggets_jax import plots as plots_lib
+from nuggets_jax.errors import UserError
 from nuggets_jax.metrics import METRIC_FORMULAS, METRICS, auroc
 from nuggets_jax.plots import CLEAN
 from nuggets_jax.select import rank_order
@@ -35,7 +36,7 @@ _RUN_KEYS += ("programs_compiled", "compiles_after_warmup", "resumed_candidates"
 _MARKDOWN_SPECIAL = re.compile(r"[\\`*\[\]<>|]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A workdir that cannot be reported on."""
 
 

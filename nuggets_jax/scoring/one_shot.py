@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from nuggets_jax.data import TokenizedPrefixes
-from nuggets_jax.scoring import Engine, PassStats, ScoringError, dealt_calls
+from nuggets_jax.scoring.engine import Engine, PassStats, ScoringError, dealt_calls
 
 
 def check_finite(logp: np.ndarray, candidate_ids: Sequence[str], task_ids: Sequence[str]) -> None:
@@ -76,7 +76,7 @@ def run_one_shot(
     lengths = np.asarray([len(p) for p in prefixes.ids])
     widths = np.asarray([engine.bucket_width(int(x)) for x in lengths])
     # Candidates with only some columns (an adaptive run) are completed round by round by
-    # nuggets_jax.adaptive before an exact run; any left partial here are scored again in full.
+    # nuggets_jax.scoring.adaptive.rounds before an exact run; any left partial here are scored again in full.
     blocks = blocks_to_run(done_anywhere, widths, engine.buckets, engine.slots, engine.deal_groups, engine.pair_flops)
     blocks_per_chunk = max(1, chunk_candidates // engine.slots)
     next_seq = 1 + max((int(name.split("-")[1]) for name in chunk_names if name.startswith("one-")), default=-1)

@@ -1,8 +1,8 @@
 """The embedded default data: a generated pool of short instruction examples and held-out tasks.
 
 Five categories (arithmetic, unit conversion, string edits, facts, formatting), each made of
-families of questions (e.g. addition, km to m, capitals; the families are in `synthetic_families`,
-the word and fact tables they draw on in `synthetic_tables`). Every family enumerates its
+families of questions (e.g. addition, km to m, capitals; the families are in `families.py`,
+the word and fact tables they draw on in `tables.py`). Every family enumerates its
 questions in a fixed order and reserves every `HELD_OUT_EVERY`-th question for tasks, so the task
 set never shares a question, in any phrasing, with the pool, whatever the seeds. Responses are one
 short correct sentence; a known fraction of the pool is corrupted (`CORRUPTION_KINDS`) so a
@@ -23,7 +23,7 @@ import pathlib
 import random
 import string
 
-from nuggets_jax.synthetic_families import Example, Family, families
+from nuggets_jax.synthetic.families import Example, Family, families
 
 CATEGORIES = ("arithmetic", "unit_conversion", "string_edit", "facts", "formatting")
 CORRUPTION_KINDS = ("wrong_answer", "swapped_response", "truncated", "noise")

@@ -29,9 +29,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nuggets_jax import sharding
 from nuggets_jax import store as store_lib
-from nuggets_jax.checkpoint import checkpoint_dirs, keep_newest, load_checkpoint, remove_unfinished, save_checkpoint
-from nuggets_jax.finetune_data import Batch, DataOrder, Examples, FinetuneError, auto_row_length, make_batch
-from nuggets_jax.finetune_step import TrainConfig, compiled_step, make_optimizer
+from nuggets_jax.finetune.checkpoint import (
+    checkpoint_dirs,
+    keep_newest,
+    load_checkpoint,
+    remove_unfinished,
+    save_checkpoint,
+)
+from nuggets_jax.finetune.data import Batch, DataOrder, Examples, FinetuneError, auto_row_length, make_batch
+from nuggets_jax.finetune.step import TrainConfig, compiled_step, make_optimizer
 from nuggets_jax.models.config import ModelConfig
 from nuggets_jax.models.llama import Llama
 

@@ -21,11 +21,12 @@ import numpy as np
 
 from nuggets_jax import data as data_lib
 from nuggets_jax import synthetic
+from nuggets_jax.errors import UserError
 
 DEFAULT_SOURCE_SIZE = 1000  # records of the generated source ("default"): enough for M = 1000
 
 
-class TaskSetError(ValueError):
+class TaskSetError(UserError):
     """A task-set request that cannot be built; the message says what to change."""
 
 

@@ -27,18 +27,22 @@ from typing import Any
 import numpy as np
 
 from nuggets_jax import data as data_lib
-from nuggets_jax import embedding, job, sharding, stability, synthetic
 from nuggets_jax import metrics as metrics_lib
+from nuggets_jax import sharding, synthetic
 from nuggets_jax import store as store_lib
-from nuggets_jax import taskset as taskset_lib
-from nuggets_jax import taskset_source as source_lib
+from nuggets_jax.errors import UserError
+from nuggets_jax.scoring import job as job
+from nuggets_jax.tasksets import build as taskset_lib
+from nuggets_jax.tasksets import embedding as embedding
+from nuggets_jax.tasksets import source as source_lib
+from nuggets_jax.tasksets import stability as stability
 
 # What a sweep may vary: anything else would need a second scoring run.
 SWEEP_KEYS = ("metric", "taskset.construction", "taskset.k", "taskset.m", "taskset.seed", "taskset.n_init")
 _NAME = re.compile(r"(kmeans|random)_k(\d+)_m(\d+)_s(\d+)")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep that cannot run as configured; the message says what to change."""
 
 
@@ -207,7 +211,7 @@ def run_sweep(
         raise SweepError(
             f"{e} Sample the candidates (pool_sample=N) so tasks come from the rest of the file."
         ) from None
-    template = data_lib.Template(score.data.prompt_no_input, score.data.prompt_with_input)
+    template = data_lib.Template.from_config(score.data)
     policy = job.token_policy(score)
     tokenizer = source_lib.load_tokenizer(score.model.path)
     eligible = [source.records[i] for i in source.eligible]
@@ -341,7 +345,7 @@ def run_sweep(
     }
     if _is_main():
         _write_json(workdir / "stability.json", result)
-        from nuggets_jax import sweep_report
+        from nuggets_jax.tasksets import report as sweep_report
 
         sweep_report.write_sweep_report(workdir, result)
     return result
@@ -368,9 +372,7 @@ def _score_once(score, workdir: pathlib.Path, log) -> tuple[dict[str, np.ndarray
     else:
         try:
             run = job.run_score(score, scoring, log=log)
-        except job.JobError as e:
-            if "different run" not in str(e):
-                raise
+        except job.WorkdirMismatchError as e:
             raise SweepError(
                 f"{e} (In a sweep: the union of task sets changed; add --config.score.fresh=True to rescore it, "
                 "or use another --workdir.)"

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from nuggets_jax import data as data_lib
+from nuggets_jax.errors import UserError
 
 
-class FinetuneError(ValueError):
+class FinetuneError(UserError):
     """A training config, data set or run directory that cannot be used; the message says what to change.
 
     Defined here, the bottom of the fine-tuning modules, so `checkpoint` and `finetune` raise the same class.
