@@ -13,7 +13,7 @@ devices the candidate fills every slot and the time is per candidate):
 - `neither`: both taken out: the body's matmuls and element-wise work only.
 
 The differences are what attention and the LM head cost as implemented; `body matmul share` is the
-FLOPs of the body matmuls on every computed token slot (padding included) over the `neither` time,
+FLOPs of the body matmuls on every computed token position (padding included) over the `neither` time,
 as a fraction of the matmul peak measured in the same run. The scores of the ablated programs are
 meaningless; only their time is used.
 
@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, rest = _parse_args(argv)
     common.set_cpu_devices(args.cpu_devices)
     from benchmarks.bench_scoring import _engine_config, _engine_facts
+    from nuggets_jax.models import attention as kernels
     from nuggets_jax.models import llama, load_model
     from nuggets_jax.scoring import engine as scoring
 
@@ -72,12 +73,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lengths = scoring.prefix_lengths_of(inputs.prefixes)
     peak = common.matmul_peak()["flops_per_s"]
 
-    real_attention, real_logprobs = llama._task_window_attention, llama.Llama.token_logprobs
+    real_attention, real_logprobs = kernels.task_window_attention, llama.Llama.token_logprobs
 
     def no_attention(q, k, v, windows, causal, prefix):
         return q + 0 * (k.sum() + v.sum())  # keep K/V live so their projections still run
 
-    def no_lm_head(self, h, targets, chunk=512, vocab_tile=0):
+    def no_lm_head(self, h, targets, lm_chunk=512, lm_head_vocab_tile=0):
         s = h.sum(-1)
         return s, s > 0
 
@@ -90,13 +91,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seconds, facts = {}, {}
     try:
         for name, (attention, logprobs) in variants.items():
-            llama._task_window_attention, llama.Llama.token_logprobs = attention, logprobs
+            kernels.task_window_attention, llama.Llama.token_logprobs = attention, logprobs
             engine = scoring.Engine(loaded.model, inputs.tokenized_tasks, lengths, engine_config, log=lambda m: None)
             seconds[name] = _time_block(engine, prefix, args.repeats)
             facts = _engine_facts(engine)
             print(f"[breakdown] {name}: {seconds[name]:.2f} s", file=sys.stderr, flush=True)
     finally:
-        llama._task_window_attention, llama.Llama.token_logprobs = real_attention, real_logprobs
+        kernels.task_window_attention, llama.Llama.token_logprobs = real_attention, real_logprobs
 
     cfg = loaded.model.config
     body_flops = facts["slot_tokens_per_candidate"] * cfg.flops_per_token(lm_head=False)

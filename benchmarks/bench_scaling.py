@@ -62,8 +62,8 @@ def _worker(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any]:
         jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
     from benchmarks.bench_scoring import _engine_config
     from nuggets_jax.models import load_model
+    from nuggets_jax.scoring import blocks, one_shot
     from nuggets_jax.scoring import engine as scoring
-    from nuggets_jax.scoring import one_shot as one_shot
     from nuggets_jax.store import ScoreStore
 
     engine_config, _ = _engine_config(engine_args)
@@ -105,11 +105,11 @@ def _worker(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any]:
     # Every slot of a call is computed, filled or not: count the candidate slots the pass's own
     # block plan computes (a dealt block: its calls x C slot-rows, over the groups per candidate).
     widths = np.asarray([engine.bucket_width(len(p)) for p in prefixes.ids])
-    plan = one_shot.blocks_to_run(
+    plan = blocks.blocks_to_run(
         np.zeros(len(widths), bool), widths, engine.buckets, engine.slots, engine.deal_groups, engine.pair_flops
     )
     groups = len(engine.layout.groups)
-    computed_slots = sum(engine.calls_per_block(one_shot.dealt_candidates(b)) for b in plan) * engine.slots / groups
+    computed_slots = sum(engine.calls_per_block(blocks.dealt_candidates(b)) for b in plan) * engine.slots / groups
     seconds = result.stats.wall_s
     return {
         "candidates": len(ids),

@@ -112,7 +112,7 @@ def _engine_facts(engine: Any) -> dict[str, Any]:
         "groups": lambda: len(engine.layout.groups),
         "fill": lambda: engine.layout.fill,
         "task_windows": lambda: [list(w.shape) for w in engine.layout.groups[0].window_index],
-        "slot_tokens_per_candidate": lambda: engine.layout.slot_tokens,
+        "slot_tokens_per_candidate": lambda: engine.layout.padded_tokens,
         "prefix_buckets": lambda: list(engine.buckets),
         "programs": lambda: engine.programs,
         "compile_s": lambda: engine.compile_s,
@@ -355,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.skip_torch:
         executed = sum(
             num_tasks * common.original_pair_flops(model_config, len(p), tasks_cut_length(args.preset))
-            + common.prefix_flops(model_config, len(p))
+            + model_config.prefix_flops(len(p))
             for p in prefixes.ids
         )
         results["torch"] = {

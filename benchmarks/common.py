@@ -395,29 +395,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     print(f"wrote {path}")
 
 
-# -- FLOP counts --------------------------------------------------------------------------------
-
-
-def useful_pair_flops(config: Any, prefix_tokens: float, task_tokens: float, response_tokens: float) -> float:
-    """FLOPs one (candidate, task) pair needs, its candidate's prefix excluded (counted once per candidate).
-
-    Task tokens go through the body, only response-predicting positions through the LM head, and
-    each task token attends to the prefix and to the earlier tokens of its task.
-    """
-    body = config.flops_per_token(lm_head=False)
-    head = config.flops_per_token() - body
-    return (
-        task_tokens * body
-        + response_tokens * head
-        + config.attention_flops(task_tokens, prefix_tokens + (task_tokens + 1) / 2)
-    )
-
-
-def prefix_flops(config: Any, prefix_tokens: float) -> float:
-    """FLOPs of encoding one candidate's prefix (body only, causal attention)."""
-    return prefix_tokens * config.flops_per_token(lm_head=False) + config.attention_flops(
-        prefix_tokens, (prefix_tokens + 1) / 2
-    )
+# -- what the original algorithm executes (what the model needs: `ModelConfig.candidate_flops`) --
 
 
 def original_pair_flops(config: Any, prefix_tokens: float, padded_task_tokens: int = 200) -> float:

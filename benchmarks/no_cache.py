@@ -40,7 +40,7 @@ def _no_cache_program(graphdef, lm_chunk: int, state, tokens, mask, score_index,
     model = nnx.merge(graphdef, state)
     h = model.hidden(tokens, mask)  # [B, L, D]
     h = jnp.take_along_axis(h, score_index[..., None], axis=1)  # [B, M, D]
-    logp, correct = model.token_logprobs(h, score_target, chunk=lm_chunk)  # [B, M]
+    logp, correct = model.token_logprobs(h, score_target, lm_chunk=lm_chunk)  # [B, M]
     logp_sum = jnp.sum(jnp.where(score_valid, logp, 0.0), axis=-1)
     correct_sum = jnp.sum(score_valid & correct, axis=-1).astype(jnp.int32)
     return logp_sum, correct_sum

@@ -22,9 +22,7 @@ from benchmarks.common import (
     DEFAULT_TASKS,
     machine_info,
     original_pair_flops,
-    prefix_flops,
     print_table,
-    useful_pair_flops,
     write_json,
 )
 
@@ -78,10 +76,11 @@ def full_job_flops(
       dict with `useful` (what nuggets_jax computes when it wastes nothing), `original` (what the
       original loop executes) and `per_pair_useful`.
     """
-    per_pair = useful_pair_flops(config, prefix_tokens, task_tokens, response_tokens)
-    zero_shot = tasks * useful_pair_flops(config, 0.0, task_tokens, response_tokens)
-    useful = pool * (tasks * per_pair + prefix_flops(config, prefix_tokens)) + zero_shot
-    original = pool * tasks * original_pair_flops(config, prefix_tokens) + pool * prefix_flops(config, prefix_tokens)
+    per_pair = config.task_flops(prefix_tokens, [task_tokens], [response_tokens])
+    zero_shot = tasks * config.task_flops(0.0, [task_tokens], [response_tokens])
+    prefix = config.prefix_flops(prefix_tokens)
+    useful = pool * (tasks * per_pair + prefix) + zero_shot
+    original = pool * tasks * original_pair_flops(config, prefix_tokens) + pool * prefix
     return {"useful": useful, "original": original, "per_pair_useful": per_pair}
 
 

@@ -1,7 +1,7 @@
 """The original Nuggets scoring loop in PyTorch + HF transformers: speed baseline and independent reference.
 
 This re-implements, independently of `nuggets_jax`, what pldlgb/nuggets `instruction_main.py` does for the
-`original` preset (see DESIGN.md, "Semantics"):
+`original` preset (see docs/ARCHITECTURE.md, "Token spans"):
 
 - every task is run zero-shot once, in batches right-padded to `max_task_tokens`, with a full-vocabulary
   log_softmax over all positions;

@@ -4,8 +4,8 @@
 The exact run (DIR/exact, or `exact_workdir`) is scored once, or reused when its scores.npz
 exists; every adaptive setting is then replayed offline on its per-(candidate, task) values, for
 several task-permutation seeds. `real_run` also runs one adaptive setting through the engine into
-DIR/<real_run.subdir> to measure the compute it really saves (needs `scoring.mode` in
-configs/score.py).
+DIR/<real_run.subdir> to measure the compute it really saves. The replay, its report and plots
+are `nuggets_jax.scoring.adaptive.replay`.
 
 The documented result (README), about 90 min of CPU for the exact run on 2 shared cores:
   --config.pool.source=../shared/data/alpagasus/random_9k.json --config.pool.size=200
@@ -15,9 +15,9 @@ The documented result (README), about 90 min of CPU for the exact run on 2 share
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from configs import common
+from configs import score as score_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -31,14 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pool.size = 200
     config.pool.seed = 0
 
-    # Overrides of configs/score.py for the exact run and the real adaptive run (same fields).
-    config.score = ml_collections.ConfigDict()
-    config.score.data = ml_collections.ConfigDict()
-    config.score.data.tasks = "default"
-    config.score.data.max_task_tokens = config_dict.placeholder(int)  # None = the preset's
-    config.score.data.max_task_tokens = 64
-    config.score.model = ml_collections.ConfigDict()
-    config.score.model.path = "default"
+    # The scoring config (configs/score.py) of the exact run and the real adaptive run; every field
+    # can be overridden (--config.score.data.tasks=...). data.pool is DIR/pool.json, the sample.
+    config.score = score_config.get_config()
+    config.score.data.max_task_tokens = 64  # None = the preset's
     config.exact_workdir = ""  # "" = DIR/exact
 
     config.metrics = ("win_rate", "mean_logp_gain")

@@ -23,38 +23,33 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created).", r
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nuggets_jax import data
-    from nuggets_jax.tasksets import build as taskset
-    from nuggets_jax.tasksets import embedding as embedding
-    from nuggets_jax.tasksets import source as taskset_source
+    from nuggets_jax import data, tasksets
 
     config = _CONFIG.value
     with cli.user_errors():
-        spec = taskset.TaskSetSpec(config.construction, config.k, config.m, config.seed, config.n_init)
+        spec = tasksets.TaskSetSpec(config.construction, config.k, config.m, config.seed, config.n_init)
         spec.check()
-        source = taskset_source.load_source(config.source, config.exclude or None, log=cli.log)
+        source = tasksets.load_source(config.source, config.exclude or None, log=cli.log)
         template = data.Template.from_config(config.data)
         if config.max_task_tokens:
-            tokenizer = taskset_source.load_tokenizer(config.model.path)
+            tokenizer = tasksets.load_tokenizer(config.model.path)
             eligible = [source.records[i] for i in source.eligible]
-            fits = taskset_source.prompt_fits(tokenizer, eligible, template, config.max_task_tokens)
-            source = taskset_source.restrict(
-                source, fits, f"prompt shorter than max_task_tokens={config.max_task_tokens}"
-            )
-        builder = taskset.TaskSetBuilder(
+            fits = tasksets.prompt_fits(tokenizer, eligible, template, config.max_task_tokens)
+            source = tasksets.restrict(source, fits, f"prompt shorter than max_task_tokens={config.max_task_tokens}")
+        builder = tasksets.TaskSetBuilder(
             source,
             config.model.path,
             config.model.dtype,
             template,
-            embedding.EmbeddingConfig(**config.embedding.to_dict()),
+            tasksets.EmbeddingConfig(**config.embedding.to_dict()),
             log=cli.log,
         )
         path = pathlib.Path(_WORKDIR.value).expanduser() / f"{config.name or spec.name}.json"
-        result, reused = taskset.build_or_reuse(builder, spec, path)
+        result, reused = tasksets.build_or_reuse(builder, spec, path)
         what = "reused" if reused else "wrote"
         cli.log(
             f"{what} {path} ({len(result.records)} tasks, {spec.construction} of {result.provenance['sample_size']} "
-            f"sampled from {len(source.eligible)} eligible records) and {taskset.provenance_path(path).name}"
+            f"sampled from {len(source.eligible)} eligible records) and {tasksets.provenance_path(path).name}"
         )
 
 

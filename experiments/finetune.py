@@ -19,10 +19,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; reru
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nuggets_jax.finetune import compare as compare
+    from nuggets_jax import finetune
 
     with cli.user_errors():
-        results = compare.run_comparison(_CONFIG.value, _WORKDIR.value, log=cli.log)
+        results = finetune.run_comparison(_CONFIG.value, _WORKDIR.value, log=cli.log)
         for row in results["variants"]:
             cli.log(
                 f"{row['variant']:>12}: eval NLL/token {row['nll_per_token']:.4f} "

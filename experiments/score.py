@@ -20,10 +20,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; reru
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nuggets_jax.scoring import job as job
+    from nuggets_jax import scoring
 
     with cli.user_errors():
-        run = job.run_score(_CONFIG.value, _WORKDIR.value, log=cli.log)
+        run = scoring.run_score(_CONFIG.value, _WORKDIR.value, log=cli.log)
         if run and run.get("mode") == "adaptive":
             cli.log(
                 f"done: golden set decided with {run['pairs_scored']} of {run['pairs_exact']} pairs "

@@ -36,13 +36,13 @@ def sweep_function(config_path: str):
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nuggets_jax.tasksets import sweep as sweep
+    from nuggets_jax import tasksets
 
     # The flag holds "file.py:ARGS"; the file is what comes before the first colon.
     path = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[0]
     with cli.user_errors():
         config = _CONFIG.value
-        result = sweep.run_sweep(config, sweep_function(path)(config), _WORKDIR.value, log=cli.log)
+        result = tasksets.run_sweep(config, sweep_function(path)(config), _WORKDIR.value, log=cli.log)
         report = pathlib.Path(_WORKDIR.value) / "report.md"
         cli.log(f"done in {result['timings']['wall_s']:.1f}s: {report}")
 

@@ -3,7 +3,7 @@
 A record is `instruction`, optional `input`, `output`, optional `id` (else its 0-based position);
 every other field is carried through untouched. Prompt and response are tokenized separately and
 concatenated, so the response span is exact. Candidate prefixes and task sequences follow the
-preset's special-token policy (DESIGN.md, Semantics).
+preset's special-token policy (docs/ARCHITECTURE.md, "Token spans").
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class TokenizedPrefixes:
 
 
 def read_objects(
-    path: str | pathlib.Path, field: str, error: type[UserError] = DataError
+    path: str | pathlib.Path, field: str, error: type[UserError] = DataError, what: str = "file"
 ) -> list[tuple[str, Any]]:
     """(where, object) pairs of a `.json` file (a list) or a `.jsonl` file (one value a line).
 
@@ -137,6 +137,7 @@ def read_objects(
       path: the file.
       field: the config field that names it (said in the message when the file is missing).
       error: the UserError subclass raised (the caller's stage).
+      what: what the file is, for the not-found message ("pool file").
 
     Raises:
       error: naming the file, the line (jsonl) or index (json) and what to fix.
@@ -144,7 +145,7 @@ def read_objects(
     path = pathlib.Path(path)
     if not path.is_file():
         hint = " (it is a directory)" if path.is_dir() else ""
-        raise error(f"{path}: file not found{hint}; set {field} to a .json or .jsonl file.")
+        raise error(f"{path}: {what} not found{hint}; set {field} to a .json or .jsonl file.")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -186,11 +187,8 @@ def read_records(path: str | pathlib.Path, role: str = "pool") -> list[Record]:
     Raises:
       DataError: naming the file, the line (jsonl) or index (json) and what to fix.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        hint = " (it is a directory)" if path.is_dir() else ""
-        raise DataError(f"{path}: {role} file not found{hint}; set data.{role} to a .json or .jsonl file.")
-    return records_from_objects(read_objects(path, f"data.{role}"), str(path), role)
+    objects = read_objects(path, f"data.{role}", what=f"{role} file")
+    return records_from_objects(objects, str(path), role)
 
 
 def records_from_objects(objects: Sequence[tuple[str, Any]], source: str, role: str = "pool") -> list[Record]:

@@ -2,7 +2,7 @@
 
 A score store is any mapping (a dict, or `np.load("scores.npz")`) with the arrays
 `zero_logp [T]`, `zero_correct [T]`, `n_tokens [T]`, `one_logp [C, T]` and `one_correct [C, T]`
-(DESIGN.md, "Semantics"). Every metric is oriented so that higher means a better candidate, is
+(docs/ARCHITECTURE.md, "Scores and metrics"). Every metric is oriented so that higher means a better candidate, is
 computed in float64, and reduces over a chosen subset of task columns, so task-set sweeps are
 column slices of one store and never rescore.
 
@@ -19,6 +19,9 @@ import numpy as np
 from nuggets_jax.errors import UserError
 
 METRICS = ("win_rate", "mean_logp_gain", "mean_ppl_drop", "token_acc_gain")
+# The metrics the adaptive mode decides on: those whose per-task range its intervals know or may
+# assume (scoring/adaptive/intervals.known_range).
+ADAPTIVE_METRICS = ("win_rate", "mean_logp_gain", "token_acc_gain")
 
 METRIC_FORMULAS: dict[str, str] = {
     "win_rate": "mean over tasks t of [one_logp[c,t] > zero_logp[t]] (strict; the paper's golden score)",
@@ -133,21 +136,42 @@ def compute_metric(
     """
     if name not in METRICS:
         raise MetricError(f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}")
-    zero_logp, zero_correct, n_tokens, one_logp, one_correct = _load_store(scores, columns)
+    return per_task(name, *_load_store(scores, columns)).mean(axis=1)
+
+
+def per_task(
+    name: str,
+    zero_logp: np.ndarray,
+    zero_correct: np.ndarray,
+    n_tokens: np.ndarray,
+    one_logp: np.ndarray,
+    one_correct: np.ndarray,
+) -> np.ndarray:
+    """The per-task values of a metric, whose mean over tasks is the metric (`METRIC_FORMULAS`).
+
+    Args:
+      name: one of `METRICS`.
+      zero_logp, zero_correct, n_tokens: [T] float64 (n_tokens > 0).
+      one_logp, one_correct: [C, T] float64; NaN in one_logp marks an unscored pair.
+
+    Returns:
+      [C, T] float64; NaN where the pair is not scored.
+    """
     if name == "win_rate":
-        wins = (one_logp > zero_logp).astype(np.float64)  # [C, T_sel]
+        values = (one_logp > zero_logp).astype(np.float64)  # [C, T]
         # A comparison with NaN is False, which would count an unscored cell as a loss.
-        wins[np.isnan(one_logp) | np.isnan(zero_logp)] = np.nan
-        per_task = wins
+        values[np.isnan(one_logp) | np.isnan(zero_logp)] = np.nan
     elif name == "mean_logp_gain":
-        per_task = (one_logp - zero_logp) / n_tokens
+        values = (one_logp - zero_logp) / n_tokens
     elif name == "mean_ppl_drop":
-        per_task = np.exp(-zero_logp / n_tokens) - np.exp(-one_logp / n_tokens)
-    else:
-        per_task = (one_correct - zero_correct) / n_tokens
+        values = np.exp(-zero_logp / n_tokens) - np.exp(-one_logp / n_tokens)
+    elif name == "token_acc_gain":
+        values = (one_correct - zero_correct) / n_tokens
         # The store may keep integer counts (0) for unscored cells; one_logp is the NaN marker.
-        per_task[np.isnan(one_logp)] = np.nan
-    return per_task.mean(axis=1)
+        values[np.isnan(one_logp)] = np.nan
+    else:
+        raise MetricError(f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}")
+    return values
 
 
 def compute_all(
@@ -203,3 +227,21 @@ def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.nd
     rank_of[order] = sorted_ranks
     u_statistic = rank_of[labels].sum() - num_pos * (num_pos + 1) / 2.0
     return float(u_statistic / (num_pos * num_neg))
+
+
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Spearman's rho (ties get average ranks) over the pairs where both values are finite.
+
+    Returns:
+      rho in [-1, 1]; NaN when fewer than two pairs are left or either side is constant (no ranking).
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise MetricError(f"spearman needs two [C] vectors of the same length, got {a.shape} and {b.shape}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return float("nan")
+    return float(stats.spearmanr(a, b).statistic)

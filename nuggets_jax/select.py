@@ -1,6 +1,6 @@
 """Ranking candidates by a golden score, choosing the golden set, and writing both.
 
-Outputs of a scoring run (DESIGN.md, "Workdir of a scoring run"):
+Outputs of a scoring run (docs/ARCHITECTURE.md, "The workdir of a scoring run"):
 - `ranking.jsonl`: one line per candidate in rank order, `{"rank", "id", <metrics>, <extra fields>}`.
 - `golden.json`: the selected records in the input format, each with a `"nuggets"` field
   `{"rank", <metrics>}`; `read_golden` strips that field so the golden set is a valid pool file.
@@ -11,6 +11,7 @@ last. Non-finite metric values are written as JSON null.
 
 from __future__ import annotations
 
+import dataclasses
 import fractions
 import json
 import math
@@ -21,11 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from nuggets_jax import data as data_lib
 from nuggets_jax.errors import UserError
 
 # Record fields that are the example itself; everything else is carried into ranking.jsonl.
 _EXAMPLE_FIELDS = ("instruction", "input", "output", "id")
 GOLDEN_FIELD = "nuggets"
+_CRITERIA = ("top_n", "top_fraction", "threshold")
+DEFAULT_TOP_FRACTION = 0.1  # the golden set when the config sets no criterion
 
 
 class SelectionError(UserError):
@@ -71,54 +75,90 @@ def ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class SelectionRule:
+    """How the golden set is chosen: exactly one of the best `top_n`, the best `top_fraction`, or
+    every candidate whose value is >= `threshold`. Validated on construction.
+
+    Attributes:
+      top_n: keep the best `top_n` (>= 1; more than C keeps all).
+      top_fraction: keep the best ceil(top_fraction * C), top_fraction in (0, 1]. The fraction is
+        read as the decimal it prints as, so 0.1 of 30 is 3, not 4.
+      threshold: keep every candidate with value >= threshold.
+    """
+
+    top_n: int | None = None
+    top_fraction: float | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        given = self.as_dict()
+        if len(given) != 1:
+            which = "none was set" if not given else f"got {', '.join(sorted(given))}"
+            raise SelectionError(f"set exactly one selection criterion of top_n, top_fraction or threshold ({which})")
+        top_n, top_fraction, threshold = self.top_n, self.top_fraction, self.threshold
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int | np.integer) or top_n < 1):
+            raise SelectionError(f"top_n must be a positive integer, got {top_n!r}")
+        if top_fraction is not None and (isinstance(top_fraction, bool) or not 0.0 < float(top_fraction) <= 1.0):
+            raise SelectionError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
+        if threshold is not None and math.isnan(float(threshold)):
+            raise SelectionError("threshold must be a number, got NaN")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SelectionRule:
+        """From a config's `select` section; `top_fraction=DEFAULT_TOP_FRACTION` when none is set."""
+        given = {key: config.get(key) for key in _CRITERIA if config.get(key) is not None}
+        if len(given) > 1:
+            raise SelectionError(f"set only one of select.top_n / select.top_fraction / select.threshold, got {given}.")
+        return cls(**given) if given else cls(top_fraction=DEFAULT_TOP_FRACTION)
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The one criterion set, as `{name: value}` (run.json's "selection")."""
+        return {key: value for key in _CRITERIA if (value := getattr(self, key)) is not None}
+
+    def count(self, num_candidates: int) -> int | None:
+        """How many of `num_candidates` a top rule keeps (unscored ones aside); None for a threshold."""
+        if self.top_n is not None:
+            return min(int(self.top_n), num_candidates)
+        if self.top_fraction is not None:
+            # Via the decimal repr: 0.1 * 30 is 3.0000000000000004 in binary floating point.
+            return min(math.ceil(fractions.Fraction(repr(float(self.top_fraction))) * num_candidates), num_candidates)
+        return None
+
+    def select(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Chooses the golden set; candidates whose value is NaN (not scored) are never selected.
+
+        Args:
+          values: [C] scores, higher is better.
+
+        Returns:
+          [N] int64 indices of the selected candidates, in rank order.
+        """
+        array = _as_values(values)
+        order = rank_order(array)
+        count = self.count(array.size)
+        chosen = order[:count] if count is not None else order[array[order] >= float(self.threshold)]
+        return chosen[~np.isnan(array[chosen])]
+
+    def describe(self) -> str:
+        """The rule as its config field says it, e.g. "top_fraction = 0.1" (report.md's wording)."""
+        ((name, value),) = self.as_dict().items()
+        return f"{name} = {value}"
+
+
 def select(
     values: Sequence[float] | np.ndarray,
     top_n: int | None = None,
     top_fraction: float | None = None,
     threshold: float | None = None,
 ) -> np.ndarray:
-    """Chooses the golden set by exactly one criterion.
-
-    Candidates whose value is NaN (not scored) are never selected.
-
-    Args:
-      values: [C] scores, higher is better.
-      top_n: keep the best `top_n` (>= 1; more than C keeps all).
-      top_fraction: keep the best ceil(top_fraction * C), top_fraction in (0, 1]. The fraction is
-        read as the decimal it prints as, so 0.1 of 30 is 3, not 4.
-      threshold: keep every candidate with value >= threshold.
-
-    Returns:
-      [N] int64 indices of the selected candidates, in rank order.
+    """Chooses the golden set by exactly one criterion: `SelectionRule(...).select(values)`.
 
     Raises:
       SelectionError: not exactly one criterion set, or an out-of-range criterion.
     """
     array = _as_values(values)
-    given = {
-        name: value
-        for name, value in (("top_n", top_n), ("top_fraction", top_fraction), ("threshold", threshold))
-        if value is not None
-    }
-    if len(given) != 1:
-        which = "none was set" if not given else f"got {', '.join(sorted(given))}"
-        raise SelectionError(f"set exactly one selection criterion of top_n, top_fraction or threshold ({which})")
-    order = rank_order(array)
-    if top_n is not None:
-        if isinstance(top_n, bool) or not isinstance(top_n, int | np.integer) or top_n < 1:
-            raise SelectionError(f"top_n must be a positive integer, got {top_n!r}")
-        chosen = order[: int(top_n)]
-    elif top_fraction is not None:
-        if isinstance(top_fraction, bool) or not 0.0 < float(top_fraction) <= 1.0:
-            raise SelectionError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
-        # Via the decimal repr: 0.1 * 30 is 3.0000000000000004 in binary floating point.
-        count = math.ceil(fractions.Fraction(repr(float(top_fraction))) * array.size)
-        chosen = order[:count]
-    else:
-        if math.isnan(float(threshold)):
-            raise SelectionError("threshold must be a number, got NaN")
-        chosen = order[array[order] >= float(threshold)]
-    return chosen[~np.isnan(array[chosen])]
+    return SelectionRule(top_n, top_fraction, threshold).select(array)
 
 
 def _json_number(value: float) -> float | None:
@@ -144,7 +184,7 @@ def _check_metrics(
 
 
 def _record_id(record: Mapping[str, Any], index: int) -> Any:
-    # DESIGN.md: a record without an id is known by its 0-based position.
+    # docs/ARCHITECTURE.md: a record without an id is known by its 0-based position.
     return record.get("id", index)
 
 
@@ -208,6 +248,31 @@ def write_ranking(
             line[field] = value
         lines.append(json.dumps(line, ensure_ascii=False) + "\n")
     return _write_atomically(path, "".join(lines))
+
+
+def read_ranking(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Reads ranking.jsonl back: one dict per candidate, in rank order.
+
+    Args:
+      path: a file written by `write_ranking`.
+
+    Returns:
+      The lines as dicts (`{"rank", "id", <metrics>, <extra fields>}`, null for a non-finite
+      value), sorted by "rank" (stable; a line without an integer rank goes last).
+
+    Raises:
+      SelectionError: the file is missing, or a line is not a JSON object.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SelectionError(f"{path}: not found; run the scoring into this workdir first")
+    lines = []
+    for where, line in data_lib.read_objects(path, "the ranking file", error=SelectionError):
+        if not isinstance(line, dict):
+            raise SelectionError(f"{where}: expected a JSON object, got {type(line).__name__}; rerun the scoring")
+        lines.append(line)
+    # Written in rank order; sorting (stable) only guards against a hand-edited file.
+    return sorted(lines, key=lambda line: r if isinstance(r := line.get("rank"), int) else math.inf)
 
 
 def write_golden(

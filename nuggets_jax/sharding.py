@@ -1,8 +1,10 @@
-"""Device mesh and multi-host plumbing.
+"""Device mesh and every multi-host helper.
 
 One global-view `jax.jit` program runs over a `Mesh` of every device of every process (axis
 `data`). The candidate axis of each batch is split over it; each process supplies the rows of its
-own devices (`jax.make_array_from_process_local_data`) and reads back only its own shards.
+own devices (`jax.make_array_from_process_local_data`) and reads back only its own shards. The
+host-side all-gathers (`gather`, `any_process`, `merge_rows`) and the process-0 check (`is_main`)
+live here too, so no other module talks to `multihost_utils`.
 """
 
 from __future__ import annotations
@@ -77,3 +79,41 @@ def get_local(array: jax.Array) -> np.ndarray:
             seen.add(start)
             parts.append(np.asarray(s.data))
     return np.concatenate(parts, axis=0)
+
+
+def gather(array: jax.Array) -> np.ndarray:
+    """The whole of a `data`-split global array on every process (all-gathered across processes)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def is_main() -> bool:
+    """Whether this is process 0: the one that writes the workdir's shared files and shows progress."""
+    return jax.process_index() == 0
+
+
+def any_process(flags: np.ndarray) -> np.ndarray:
+    """flags (bool, the same shape on every process): True where any process has True."""
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(flags)).any(axis=0)
+
+
+def merge_rows(logp: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every process holds the rows it scored of logp [N, T] (NaN elsewhere) and correct [N, T];
+    returns all of them on every process (a row from the first process that has it)."""
+    if jax.process_count() == 1:
+        return logp, correct
+    from jax.experimental import multihost_utils
+
+    all_logp = np.asarray(multihost_utils.process_allgather(logp))  # [P, N, T]
+    all_correct = np.asarray(multihost_utils.process_allgather(correct))
+    have = ~np.isnan(all_logp).all(axis=2)  # [P, N]
+    owner = np.argmax(have, axis=0)
+    rows = np.arange(logp.shape[0])
+    return all_logp[owner, rows], all_correct[owner, rows]

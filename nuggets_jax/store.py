@@ -83,8 +83,10 @@ class ScoreStore:
                 f"{self.dir}: cannot create the store ({e.strerror}); choose a writable --workdir."
             ) from None
 
-    def path(self, name: str) -> pathlib.Path:
-        return self.dir / f"{name}.npz"
+    def path(self, name: str, process_index: int | None = None) -> pathlib.Path:
+        """The chunk file of `name`, in this process's folder or in that of `process_index`."""
+        folder = self.dir if process_index is None else self.root / f"process_{process_index:03d}"
+        return folder / f"{name}.npz"
 
     def has(self, name: str) -> bool:
         return self.path(name).is_file()
@@ -93,9 +95,7 @@ class ScoreStore:
         write_npz(self.path(name), arrays)
 
     def read(self, name: str, process_index: int | None = None) -> dict[str, np.ndarray]:
-        path = (
-            self.path(name) if process_index is None else (self.root / f"process_{process_index:03d}" / f"{name}.npz")
-        )
+        path = self.path(name, process_index)
         try:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
@@ -103,7 +103,32 @@ class ScoreStore:
             raise StoreError(f"{path}: unreadable chunk ({e}); delete it and rerun to recompute it.") from None
 
     def names(self, prefix: str = "") -> list[str]:
+        """This process's chunk names starting with `prefix`, sorted."""
         return sorted(p.stem for p in self.dir.glob(f"{prefix}*.npz"))
+
+    def every_process_names(self, prefix: str = "") -> list[tuple[int, str]]:
+        """(process index, name) of every process's chunks starting with `prefix`, by process then name."""
+        paths = sorted(self.root.glob(f"process_*/{prefix}*.npz"))
+        return [(int(p.parent.name.split("_")[1]), p.stem) for p in paths]
+
+    def load(self, num_candidates: int, num_tasks: int, every_process: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The stored candidate scores put together: one_logp [N, T] (NaN = not stored), one_correct [N, T].
+
+        Reads this process's chunks, or with `every_process` those of every process. Exact chunks
+        hold whole rows; an adaptive round's chunk adds its task "columns". The "zero" chunk (the
+        zero-shot pass) holds no candidate.
+        """
+        logp = np.full((num_candidates, num_tasks), np.nan, np.float32)
+        correct = np.zeros((num_candidates, num_tasks), np.int32)
+        chunks = self.every_process_names() if every_process else [(None, name) for name in self.names()]
+        for process_index, name in chunks:
+            if name == "zero":
+                continue
+            chunk = self.read(name, process_index)
+            cols = chunk["columns"] if "columns" in chunk else np.arange(num_tasks)
+            logp[np.ix_(chunk["candidates"], cols)] = chunk["one_logp"]
+            correct[np.ix_(chunk["candidates"], cols)] = chunk["one_correct"]
+        return logp, correct
 
     def clear(self) -> None:
         """Removes every chunk of every process (a fresh run)."""

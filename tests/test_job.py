@@ -88,6 +88,13 @@ def test_workdir_contents(reference_run, inputs):
     assert config["data"]["pool"] == str(inputs[0])
 
 
+def test_report_names_the_default_selection_rule(reference_run):
+    """configs/score.py sets no select.* field: the golden set is the top 10%, and report.md says so."""
+    assert json.loads((reference_run / "run.json").read_text())["selection"] == {"top_fraction": 0.1}
+    text = (reference_run / "report.md").read_text(encoding="utf-8")
+    assert "records (top_fraction = 0.1)" in text and "rule n/a" not in text
+
+
 @pytest.mark.parametrize("kill_after_chunks", [0, 1, 12])
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model_dir, inputs, reference_run, kill_after_chunks):
     workdir = tmp_path / "w"

@@ -10,9 +10,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from nuggets_jax import packing  # noqa: E402
-from nuggets_jax.models import llama  # noqa: E402
+from nuggets_jax.models import attention, llama  # noqa: E402
 from nuggets_jax.models.params import load_params  # noqa: E402
+from nuggets_jax.scoring import packing  # noqa: E402
 
 VOCAB = 97
 TOL = 1e-4
@@ -110,11 +110,11 @@ def test_left_padding_with_positions(pair):
 
 
 @pytest.mark.parametrize(
-    "queries_per_step, query_block",
+    "attention_queries, attention_block",
     [(None, 0), (0, 0), (4, 0), (4, 3)],
     ids=["whole_row", "windows_at_once", "window_steps", "causal_blocks"],
 )
-def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, queries_per_step, query_block):
+def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, attention_queries, attention_block):
     hf, ours = pair
     prefix_lengths = [5, 9]
     width = 10  # both prefixes right-padded to one width
@@ -135,12 +135,12 @@ def test_prefix_cache_and_packed_rows_equal_whole_sequences(pair, queries_per_st
     assert [w.shape for w in group.window_index] == [(2, 4), (1, 8)]
     spans = packing.task_spans(group)
     windows = None
-    if queries_per_step is not None:
-        windows = llama.TaskWindows(
+    if attention_queries is not None:
+        windows = attention.TaskWindows(
             tuple(jnp.asarray(w) for w in group.window_index),
             jnp.asarray(group.window_back),
-            queries_per_step,
-            query_block,  # blocks of 2 and 2 in the 4-wide windows, 3, 3 and 2 in the 8-wide one
+            attention_queries,
+            attention_block,  # blocks of 2 and 2 in the 4-wide windows, 3, 3 and 2 in the 8-wide one
         )
     row_arrays = (jnp.asarray(a) for a in (group.tokens, group.task_positions, group.segment_ids))  # each [R=1, L]
     h = ours.forward_rows(cache, *row_arrays, windows)
@@ -164,7 +164,9 @@ def test_token_logprobs_and_correct(pair, vocab_tile):
     # Half the targets are the reference argmax, so `correct` is exercised both ways.
     targets = ids[:, 1:].reshape(-1).copy()
     targets[::2] = flat_ref.argmax(-1)[::2]
-    logp, correct = ours.token_logprobs(jnp.asarray(flat_h), jnp.asarray(targets), chunk=7, vocab_tile=vocab_tile)
+    logp, correct = ours.token_logprobs(
+        jnp.asarray(flat_h), jnp.asarray(targets), lm_chunk=7, lm_head_vocab_tile=vocab_tile
+    )
     ref_logp = torch.log_softmax(torch.as_tensor(flat_ref), dim=-1).numpy()[np.arange(len(targets)), targets]
     np.testing.assert_allclose(np.asarray(logp), ref_logp, atol=TOL, rtol=0)
     top2 = np.sort(flat_ref, axis=-1)[:, -2:]
@@ -181,7 +183,7 @@ def test_correct_breaks_exact_ties_like_argmax(pair, vocab_tile):
     # Zero hidden states give all-equal logits: argmax (and so `correct`) picks token 0, also when
     # the tie spans vocabulary tiles.
     targets = jnp.asarray([0, 1, 0, VOCAB - 1, 7])
-    logp, correct = jax.jit(lambda h, t: ours.token_logprobs(h, t, chunk=2, vocab_tile=vocab_tile))(
+    logp, correct = jax.jit(lambda h, t: ours.token_logprobs(h, t, lm_chunk=2, lm_head_vocab_tile=vocab_tile))(
         jnp.zeros((5, ours.config.hidden_size)), targets
     )
     np.testing.assert_array_equal(np.asarray(correct), [True, False, True, False, False])
@@ -206,7 +208,7 @@ def test_correct_follows_argmax_on_ties_inside_and_across_tiles(pair):
     for target in (3, 5, 10, 8, 12, 0):
         targets = jnp.full((4,), target)
         for vocab_tile in (0, 7):
-            _, correct = model.token_logprobs(h, targets, chunk=3, vocab_tile=vocab_tile)
+            _, correct = model.token_logprobs(h, targets, lm_chunk=3, lm_head_vocab_tile=vocab_tile)
             np.testing.assert_array_equal(np.asarray(correct), logits.argmax(-1) == target, err_msg=f"{vocab_tile}")
 
 

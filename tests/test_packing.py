@@ -33,10 +33,10 @@ def test_layout_reconstructs_every_task():
                 where = np.flatnonzero(g.segment_ids[row] == seg)
                 assert np.array_equal(g.task_positions[row, where], np.arange(len(where)))
                 assert np.all(np.diff(where) == 1)  # a task is contiguous inside its row
-        for slot, task in enumerate(g.tasks):
+        for s, task in enumerate(g.tasks):
             if task < 0:
                 continue
-            mine = g.score_slot == slot
+            mine = g.score_task == s
             # The scored positions predict exactly the response tokens, in order.
             assert np.array_equal(g.score_target[mine], ids[task][starts[task] :])
             flat = g.tokens.reshape(-1)

@@ -134,6 +134,27 @@ def test_report_has_every_section_in_order_and_valid_plots(tmp_path):
     assert "190.0 GFLOP/s" in text and "134.5M parameters" in text
 
 
+@pytest.mark.parametrize(
+    ("select", "selection", "wording"),
+    [
+        # The default run: config.json's select is unset, run.json says what the job used.
+        ({"top_n": None, "top_fraction": None, "threshold": None}, {"top_fraction": 0.1}, "top_fraction = 0.1"),
+        ({"top_n": None, "top_fraction": None, "threshold": None}, None, "top_fraction = 0.1"),
+        ({"top_n": None, "top_fraction": None, "threshold": 0.5}, {"threshold": 0.5}, "threshold = 0.5"),
+        ({"top_n": 8, "top_fraction": None, "threshold": None}, None, "top_n = 8"),
+    ],
+)
+def test_report_names_the_rule_that_picked_the_golden_set(tmp_path, select, selection, wording):
+    _make_workdir(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "select": select}))
+    run = json.loads((tmp_path / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps(run if selection is None else {**run, "selection": selection}))
+    text = write_report(tmp_path).read_text(encoding="utf-8")
+    assert f"**{GOLDEN_SIZE}** records ({wording})" in text
+    assert "rule n/a" not in text
+
+
 def test_report_is_deterministic(tmp_path):
     records, _, _, _ = _make_workdir(tmp_path)
     first = write_report(tmp_path, records).read_text(encoding="utf-8")

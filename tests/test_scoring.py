@@ -11,6 +11,7 @@ from nuggets_jax import store
 from nuggets_jax.models import load_model
 from nuggets_jax.scoring import engine as scoring
 from nuggets_jax.scoring import one_shot as one_shot
+from nuggets_jax.scoring.blocks import blocks_to_run, check_finite, dealt_candidates, first_slots, plan_blocks
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_check_finite_names_candidate_and_task():
     logp = np.zeros((2, 3), np.float32)
     logp[1, 2] = np.nan
     with pytest.raises(scoring.ScoringError, match="candidate 'b' on task 'z'"):
-        one_shot.check_finite(logp, ["a", "b"], ["x", "y", "z"])
+        check_finite(logp, ["a", "b"], ["x", "y", "z"])
 
 
 def test_subset_layouts_score_only_their_columns(tiny, tmp_path):
@@ -126,7 +127,7 @@ def test_subset_layouts_score_only_their_columns(tiny, tmp_path):
 def test_plan_blocks_moves_leftovers_up():
     widths = np.asarray([16, 16, 16, 32, 32, 64, 16, 64])
     candidates = [int(i) for i in np.lexsort((np.arange(8), widths))]
-    blocks = one_shot.plan_blocks(candidates, widths, [16, 32, 64], slots=3)
+    blocks = plan_blocks(candidates, widths, [16, 32, 64], slots=3)
     flat = np.concatenate(blocks)
     assert sorted(flat[flat >= 0].tolist()) == list(range(8))
     assert all((b >= 0).all() for b in blocks[:-1]) and len(blocks) == 3
@@ -139,23 +140,23 @@ def test_plan_blocks_deals_a_leftover_when_carrying_it_costs_more():
     widths = np.asarray([16, 16, 16, 64, 64, 64, 16])
     order = [int(i) for i in np.lexsort((np.arange(7), widths))]
     # Rows deal evenly (4 groups over 2 slots): a leftover runs at its own width, never carried.
-    blocks = one_shot.plan_blocks(order, widths, [16, 32, 64], slots=2, groups=4, cost=float)
+    blocks = plan_blocks(order, widths, [16, 32, 64], slots=2, groups=4, cost=float)
     assert [b.tolist() for b in blocks] == [[0, 1], [2, 6], [3, 4], [5, 5]]
     # 3 groups over 2 slots idle a slot a third of the time: carry when the wider bucket is cheap...
     widths[6] = 32
-    cheap = one_shot.plan_blocks(order, widths, [16, 32, 64], slots=2, groups=3, cost=lambda w: 1 + w / 1000)
+    cheap = plan_blocks(order, widths, [16, 32, 64], slots=2, groups=3, cost=lambda w: 1 + w / 1000)
     assert [b.tolist() for b in cheap] == [[0, 1], [2, 6], [3, 4], [5, 5]]
     # ... and deal when it is dear.
-    dear = one_shot.plan_blocks(order, widths, [16, 32, 64], slots=2, groups=3, cost=float)
+    dear = plan_blocks(order, widths, [16, 32, 64], slots=2, groups=3, cost=float)
     assert [b.tolist() for b in dear] == [[0, 1], [2, 2], [6, 6], [3, 4], [5, 5]]
     # Several leftovers share a dealt block: slot s holds leftover s % k.
-    blocks = one_shot.plan_blocks(list(range(5)), np.full(5, 16), [16], slots=4, groups=2)
+    blocks = plan_blocks(list(range(5)), np.full(5, 16), [16], slots=4, groups=2)
     assert [b.tolist() for b in blocks] == [[0, 1, 2, 3], [4, 4, 4, 4]]
-    blocks = one_shot.plan_blocks(list(range(6)), np.full(6, 16), [16], slots=4, groups=2)
+    blocks = plan_blocks(list(range(6)), np.full(6, 16), [16], slots=4, groups=2)
     assert [b.tolist() for b in blocks] == [[0, 1, 2, 3], [4, 5, 4, 5]]
-    assert one_shot.dealt_candidates(blocks[1]).tolist() == [4, 5]
-    assert one_shot.dealt_candidates(blocks[0]) is None
-    assert one_shot.first_slots(blocks[1]).tolist() == [True, True, False, False]
+    assert dealt_candidates(blocks[1]).tolist() == [4, 5]
+    assert dealt_candidates(blocks[0]) is None
+    assert first_slots(blocks[1]).tolist() == [True, True, False, False]
 
 
 def test_dealt_block_scores_like_one_candidate_per_slot(tiny):
@@ -179,13 +180,13 @@ def test_resume_replays_the_uninterrupted_block_plan():
     # in the very blocks of the uninterrupted plan (same widths, same neighbours, same rounding).
     widths = np.asarray([16, 16, 16, 16, 16, 32, 32, 32, 64, 16])
     order = [int(i) for i in np.lexsort((np.arange(10), widths))]
-    whole = one_shot.plan_blocks(order, widths, [16, 32, 64], slots=4)
+    whole = plan_blocks(order, widths, [16, 32, 64], slots=4)
     done = np.zeros(10, bool)
     done[whole[0][:2]] = True  # half of block 0
     done[whole[1]] = True  # all of block 1
-    rest = one_shot.blocks_to_run(done, widths, [16, 32, 64], slots=4)
+    rest = blocks_to_run(done, widths, [16, 32, 64], slots=4)
     assert [b.tolist() for b in rest] == [whole[0].tolist()] + [b.tolist() for b in whole[2:]]
-    assert one_shot.blocks_to_run(np.ones(10, bool), widths, [16, 32, 64], slots=4) == []
+    assert blocks_to_run(np.ones(10, bool), widths, [16, 32, 64], slots=4) == []
 
 
 def test_engine_config_auto_sizes_per_platform():

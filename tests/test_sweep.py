@@ -18,6 +18,7 @@ from nuggets_jax.scoring import job as job
 from nuggets_jax.synthetic import generate as synthetic
 from nuggets_jax.tasksets import embedding as embedding
 from nuggets_jax.tasksets import sweep as sweep_lib
+from nuggets_jax.tasksets import sweep_spec
 from tests.conftest import REPO
 
 
@@ -34,10 +35,10 @@ def test_default_sweep_expands_to_the_grid():
     assert len(overrides) == len(expected) == 60
     got = {(o["taskset.construction"], o["taskset.k"], o["taskset.seed"], o["metric"]) for o in overrides}
     assert got == expected
-    variants = sweep_lib.expand(config, overrides)
+    variants = sweep_spec.expand(config, overrides)
     assert len(variants) == 60 and len({v.spec for v in variants}) == 30
     assert all(v.spec.m == 1000 and v.spec.n_init == 10 for v in variants)
-    refs = sweep_lib.reference_specs(config, variants)
+    refs = sweep_spec.reference_specs(config, variants)
     assert {m: (s.construction, s.k, s.seed) for m, s in refs.items()} == {
         "win_rate": ("kmeans", 100, 0),
         "mean_logp_gain": ("kmeans", 100, 0),
@@ -57,22 +58,22 @@ def test_grid_overrides_and_presets():
 
 def test_expand_rejects_what_cannot_vary():
     config = sweep_tasksets.get_config()
-    with pytest.raises(sweep_lib.SweepError, match="'score.metric' cannot vary in a sweep"):
-        sweep_lib.expand(config, [{"score.metric": "win_rate"}])
-    with pytest.raises(sweep_lib.SweepError, match="appears twice"):
-        sweep_lib.expand(config, [{"taskset.k": 5}, {"taskset.k": 5}])
-    with pytest.raises(sweep_lib.SweepError, match="unknown metric 'auc'"):
-        sweep_lib.expand(config, [{"metric": "auc"}])
-    with pytest.raises(sweep_lib.SweepError, match="unknown construction"):
-        sweep_lib.expand(config, [{"taskset.construction": "dpp"}])
-    with pytest.raises(sweep_lib.SweepError, match="empty"):
-        sweep_lib.expand(config, [])
+    with pytest.raises(sweep_spec.SweepError, match="'score.metric' cannot vary in a sweep"):
+        sweep_spec.expand(config, [{"score.metric": "win_rate"}])
+    with pytest.raises(sweep_spec.SweepError, match="appears twice"):
+        sweep_spec.expand(config, [{"taskset.k": 5}, {"taskset.k": 5}])
+    with pytest.raises(sweep_spec.SweepError, match="unknown metric 'auc'"):
+        sweep_spec.expand(config, [{"metric": "auc"}])
+    with pytest.raises(sweep_spec.SweepError, match="unknown construction"):
+        sweep_spec.expand(config, [{"taskset.construction": "dpp"}])
+    with pytest.raises(sweep_spec.SweepError, match="empty"):
+        sweep_spec.expand(config, [])
     config.reference = "union"
-    variants = sweep_lib.expand(config, [{"taskset.construction": "random", "taskset.k": 5}])
-    assert sweep_lib.reference_specs(config, variants) == {"win_rate": None}
+    variants = sweep_spec.expand(config, [{"taskset.construction": "random", "taskset.k": 5}])
+    assert sweep_spec.reference_specs(config, variants) == {"win_rate": None}
     config.reference = "largest"
-    with pytest.raises(sweep_lib.SweepError, match="no kmeans variant"):
-        sweep_lib.reference_specs(config, variants)
+    with pytest.raises(sweep_spec.SweepError, match="no kmeans variant"):
+        sweep_spec.reference_specs(config, variants)
 
 
 SIZES, SEEDS, METRICS = (3, 6), (0, 1), ("win_rate", "mean_logp_gain")

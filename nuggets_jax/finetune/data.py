@@ -23,7 +23,7 @@ from nuggets_jax.errors import UserError
 class FinetuneError(UserError):
     """A training config, data set or run directory that cannot be used; the message says what to change.
 
-    Defined here, the bottom of the fine-tuning modules, so `checkpoint` and `finetune` raise the same class.
+    Defined here, the bottom of the fine-tuning modules, so `checkpoint`, `step` and `train` raise the same class.
     """
 
 

@@ -3,7 +3,7 @@
 An evaluation set is records in the input format (instruction, input, output). Every example is
 tokenized as in scoring and training (`[leading specials] prompt ++ response`, no eos) and the
 model's log-likelihood of the response tokens given the prompt is summed per example, on the
-scoring engine's packed, jitted, sharded zero-shot pass (`scoring.Engine.zero_shot`). The
+scoring engine's packed, jitted, sharded zero-shot pass (`scoring.engine.Engine.zero_shot`). The
 engine is compiled once; other parameter states of the same architecture reuse its programs.
 
 - NLL per token: -sum of response log-probs / number of response tokens (over the whole set);
@@ -18,7 +18,6 @@ tasks (`instruction` + `instances[0].input/output`) and AlpacaEval model outputs
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,40 +42,18 @@ class EvalError(UserError):
 # -- evaluation sets -----------------------------------------------------------------------------
 
 
-def _load_objects(path: pathlib.Path) -> list[tuple[str, Any]]:
-    """(where, object) pairs of a .json list or a .jsonl file."""
-    if not path.is_file():
-        raise EvalError(f"{path}: evaluation file not found; set eval.set to a .json or .jsonl file.")
-    text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        objects = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    objects.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}).") from None
-        return objects
-    try:
-        loaded = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
-    if not isinstance(loaded, list):
-        raise EvalError(f"{path}: expected a JSON list of records, got {type(loaded).__name__}.")
-    return [(f"{path}[{i}]", obj) for i, obj in enumerate(loaded)]
-
-
-def sinstruct_objects(path: str | pathlib.Path) -> list[tuple[str, dict]]:
+def sinstruct_objects(objects: Sequence[tuple[str, Any]]) -> list[tuple[str, dict]]:
     """Self-Instruct user-oriented tasks -> records: instruction + the first instance's input/output.
 
     Every other field (id, motivation_app) is carried through.
 
+    Args:
+      objects: (where, object) pairs, from `data.read_objects`.
     Raises:
       EvalError: naming the line of a task without instances or without an output.
     """
-    path = pathlib.Path(path)
     out = []
-    for where, obj in _load_objects(path):
+    for where, obj in objects:
         instances = obj.get("instances") if isinstance(obj, dict) else None
         if not instances or not isinstance(instances[0], dict) or "output" not in instances[0]:
             raise EvalError(f'{where}: a Self-Instruct task needs "instances": [{{"input": ..., "output": ...}}].')
@@ -86,17 +63,18 @@ def sinstruct_objects(path: str | pathlib.Path) -> list[tuple[str, dict]]:
     return out
 
 
-def alpaca_eval_objects(path: str | pathlib.Path) -> list[tuple[str, dict]]:
+def alpaca_eval_objects(objects: Sequence[tuple[str, Any]]) -> list[tuple[str, dict]]:
     """AlpacaEval outputs (instruction, output, generator, dataset) -> records; the reference is `output`.
 
     Records whose output is empty are left out: they have no response to score.
 
+    Args:
+      objects: (where, object) pairs, from `data.read_objects`.
     Raises:
       EvalError: naming the record without an instruction or output field.
     """
-    path = pathlib.Path(path)
     out = []
-    for where, obj in _load_objects(path):
+    for where, obj in objects:
         if not isinstance(obj, dict) or "instruction" not in obj or "output" not in obj:
             raise EvalError(f'{where}: an AlpacaEval record needs "instruction" and "output".')
         if isinstance(obj["output"], str) and not obj["output"].strip():
@@ -119,17 +97,15 @@ def read_eval_set(path: str | pathlib.Path, fmt: str = "auto", max_examples: int
     path = pathlib.Path(path).expanduser()
     if fmt not in EVAL_FORMATS:
         raise EvalError(f"unknown eval format {fmt!r}; choose one of: {', '.join(EVAL_FORMATS)}.")
+    objects = data_lib.read_objects(path, "eval.set", error=EvalError)
     if fmt == "auto":
-        objects = _load_objects(path)
         first = objects[0][1] if objects else {}
         first = first if isinstance(first, dict) else {}
         fmt = "sinstruct" if "instances" in first else "alpaca_eval" if "generator" in first else "records"
     if fmt == "sinstruct":
-        objects = sinstruct_objects(path)
+        objects = sinstruct_objects(objects)
     elif fmt == "alpaca_eval":
-        objects = alpaca_eval_objects(path)
-    else:
-        objects = _load_objects(path)
+        objects = alpaca_eval_objects(objects)
     if max_examples:
         objects = objects[:max_examples]
     return data_lib.records_from_objects(objects, str(path), "eval")

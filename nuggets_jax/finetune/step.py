@@ -151,7 +151,7 @@ def response_loss(model: Llama, micro: dict[str, jax.Array], normalizer: jax.Arr
         losses are the step's token mean.
     """
     h = model.forward_rows(_empty_prefix(model), micro["tokens"], micro["positions"], micro["segment_ids"])[0]
-    logp, _ = model.token_logprobs(h, micro["targets"], chunk=lm_chunk)  # [R, L]
+    logp, _ = model.token_logprobs(h, micro["targets"], lm_chunk=lm_chunk)  # [R, L]
     return -jnp.sum(logp * micro["weights"]) / normalizer
 
 

@@ -1,8 +1,8 @@
 """Supervised fine-tuning of the Llama NNX model on a subset (golden, random or the full pool).
 
-The examples (`finetune_data`) are `[leading special tokens] prompt ids ++ response ids [++ eos]`
+The examples (`finetune.data`) are `[leading special tokens] prompt ids ++ response ids [++ eos]`
 with an exact response span, packed into rows and batched in a fixed data order; each optimizer
-step runs the one compiled program of `finetune_step` (response-token loss, AdamW).
+step runs the one compiled program of `finetune.step` (response-token loss, AdamW).
 
 A run directory holds `ckpt_<step>/` checkpoints (`checkpoint`: HF layout, so
 `load_model`/`load_params` read it back, plus the optimizer and trainer state), each written to a
@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from nuggets_jax import data as data_lib
 from nuggets_jax import sharding
 from nuggets_jax import store as store_lib
 from nuggets_jax.finetune.checkpoint import (
@@ -102,10 +103,143 @@ def _restore(
 
 
 def _read_log(path: pathlib.Path, upto: int) -> list[dict[str, Any]]:
+    """The entries of train_log.jsonl up to step `upto` (none when there is no log yet)."""
     if not path.is_file():
         return []
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [x for x in lines if x["step"] <= upto]
+    entries = data_lib.read_objects(path, "the training log", error=FinetuneError)
+    return [entry for _, entry in entries if entry["step"] <= upto]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """A training run resolved once and validated: what every phase of `train` reads.
+
+    Attributes:
+      config: the hyperparameters (validated).
+      run_dir: checkpoints and train_log.jsonl.
+      mesh: the devices; `batch_rows` is a multiple of their number.
+      row_length: tokens per packed row (`config.row_length`, or the smallest that holds every example).
+      fingerprint: what a resume must match (config without the checkpoint fields, row length,
+        examples, the caller's extra).
+    """
+
+    config: TrainConfig
+    run_dir: pathlib.Path
+    mesh: jax.sharding.Mesh
+    row_length: int
+    fingerprint: dict[str, Any]
+
+
+def resolve_run(
+    config: TrainConfig,
+    examples: Examples,
+    run_dir: str | pathlib.Path,
+    mesh: jax.sharding.Mesh | None = None,
+    fingerprint_extra: dict[str, Any] | None = None,
+) -> RunSpec:
+    """Validates the run before anything is loaded or written.
+
+    Raises:
+      FinetuneError: a bad config, a batch that does not split over the devices, or an example
+        longer than the row.
+    """
+    config.validate()
+    mesh = mesh or sharding.make_mesh()
+    n_devices = mesh.devices.size
+    if config.batch_rows % n_devices:
+        raise FinetuneError(
+            f"train.batch_rows={config.batch_rows} must be a multiple of the {n_devices} devices; "
+            f"use {math.ceil(config.batch_rows / n_devices) * n_devices}."
+        )
+    row_length = config.row_length or auto_row_length(examples)
+    if int(examples.lengths.max()) > row_length:
+        raise FinetuneError(
+            f"the longest example has {int(examples.lengths.max())} tokens but train.row_length={row_length}; "
+            "set train.row_length=0 (auto) or lower train.max_tokens."
+        )
+    fingerprint = {
+        "config": {
+            k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoint_every", "keep_checkpoints")
+        },
+        "row_length": row_length,
+        "examples": examples.digest(),
+        "extra": fingerprint_extra or {},
+    }
+    return RunSpec(config, pathlib.Path(run_dir), mesh, row_length, fingerprint)
+
+
+def _starting_state(model: Llama, spec: RunSpec, fresh: bool, log) -> tuple[int, pathlib.Path | None, Any, Any, list]:
+    """(step, its checkpoint, float32 params, optimizer state, train log) to start from: step 0, or
+    the newest checkpoint of this run. train_log.jsonl is cut back to that step."""
+    # A copy: the compiled step donates its input buffers, and the caller keeps its model.
+    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), nnx.split(model)[1])
+    opt_state = make_optimizer(spec.config).init(params)
+    start, checkpoint = 0, None
+    restored = _restore(spec.run_dir, spec.fingerprint, model.config, opt_state, fresh, spec.config.steps)
+    if restored is not None:
+        start, checkpoint, params, opt_state = restored
+        log(f"finetune: resuming {spec.run_dir} from step {start}")
+    history = _read_log(spec.run_dir / _LOG_NAME, start)
+    if sharding.is_main():
+        text = "".join(json.dumps(x) + "\n" for x in history)
+        store_lib.atomic_write_bytes(spec.run_dir / _LOG_NAME, text.encode())
+    return start, checkpoint, params, opt_state, history
+
+
+def _batch_putter(spec: RunSpec) -> Callable[[Batch], dict[str, jax.Array]]:
+    """Puts a step's [K, R, ...] host batch on the devices, rows split over `data` (each process its rows)."""
+    rows_sharding = NamedSharding(spec.mesh, PartitionSpec(None, "data"))
+    local = sharding.local_slots(spec.mesh, spec.config.batch_rows)
+
+    def put(batch: Batch) -> dict[str, jax.Array]:
+        arrays = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+        if jax.process_count() == 1:
+            return {k: jax.device_put(v, rows_sharding) for k, v in arrays.items()}
+        return {
+            k: jax.make_array_from_process_local_data(rows_sharding, v[:, local], v.shape) for k, v in arrays.items()
+        }
+
+    return put
+
+
+class _StepLog:
+    """Records each finished step: the history, train_log.jsonl, the progress bar and `on_step` (process 0)."""
+
+    def __init__(self, run_dir: pathlib.Path, history: list[dict], bar, on_step):
+        self.run_dir, self.history, self.bar, self.on_step = run_dir, history, bar, on_step
+        self.real_tokens = 0
+        self.t_loop = self.t_done = time.perf_counter()
+
+    def finish(self, step: int, batch: Batch, metrics: dict) -> None:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.real_tokens += batch.real_tokens
+        now = time.perf_counter()
+        elapsed = now - self.t_loop
+        entry = {
+            "step": step,
+            **values,
+            "tokens": batch.real_tokens,
+            "response_tokens": batch.response_tokens,
+            "examples": batch.num_examples,
+            "token_slots": int(batch.tokens.size),
+            "wall_s": now - self.t_done,  # since the previous step finished (steps overlap with host work)
+        }
+        self.t_done = now
+        self.history.append(entry)
+        if not math.isfinite(values["loss"]):
+            raise FinetuneError(
+                f"{self.run_dir}: loss became {values['loss']} at step {step}; lower train.learning_rate."
+            )
+        if sharding.is_main():
+            with open(self.run_dir / _LOG_NAME, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(
+                    loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{self.real_tokens / elapsed:.0f}"
+                )
+            if self.on_step is not None:
+                self.on_step(step, entry)
 
 
 def train(
@@ -140,137 +274,64 @@ def train(
     Raises:
       FinetuneError: bad config or a run directory that holds a different run.
     """
-    config.validate()
+    spec = resolve_run(config, examples, run_dir, mesh, fingerprint_extra)
     t_start = time.perf_counter()
-    run_dir = pathlib.Path(run_dir)
+    run_dir, row_length = spec.run_dir, spec.row_length
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_unfinished(run_dir)
-    mesh = mesh or sharding.make_mesh()
-    n_devices = mesh.devices.size
-    if config.batch_rows % n_devices:
-        raise FinetuneError(
-            f"train.batch_rows={config.batch_rows} must be a multiple of the {n_devices} devices; "
-            f"use {math.ceil(config.batch_rows / n_devices) * n_devices}."
-        )
-    row_length = config.row_length or auto_row_length(examples)
-    if int(examples.lengths.max()) > row_length:
-        raise FinetuneError(
-            f"the longest example has {int(examples.lengths.max())} tokens but train.row_length={row_length}; "
-            "set train.row_length=0 (auto) or lower train.max_tokens."
-        )
-    is_main = jax.process_index() == 0
-    fingerprint = {
-        "config": {
-            k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoint_every", "keep_checkpoints")
-        },
-        "row_length": row_length,
-        "examples": examples.digest(),
-        "extra": fingerprint_extra or {},
-    }
 
-    # A copy: the compiled step donates its input buffers, and the caller keeps its model.
-    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), nnx.split(model)[1])
-    graphdef_f32 = nnx.split(nnx.eval_shape(lambda: Llama(model.config, dtype=jnp.float32)))[0]
-    opt_state = make_optimizer(config).init(params)
-    start, final_path = 0, None
-    restored = _restore(run_dir, fingerprint, model.config, opt_state, fresh, config.steps)
-    if restored is not None:
-        start, final_path, params, opt_state = restored
-        log(f"finetune: resuming {run_dir} from step {start}")
-    history = _read_log(run_dir / _LOG_NAME, start)
-    if is_main:
-        store_lib.atomic_write_bytes(run_dir / _LOG_NAME, "".join(json.dumps(x) + "\n" for x in history).encode())
-
+    # The starting state: fresh, or the newest checkpoint of this run; and the data order from there.
+    start, final_path, params, opt_state, history = _starting_state(model, spec, fresh, log)
     order = DataOrder(examples.lengths, config.seed, config.batch_rows, row_length, config.micro_batches)
     order.skip(start)
-    replicated = sharding.replicated(mesh)
-    rows_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
+    replicated = sharding.replicated(spec.mesh)
     params = jax.device_put(params, replicated)
     opt_state = jax.device_put(opt_state, replicated)
-
     if start >= config.steps:
         log(f"finetune: {run_dir} already finished ({start} steps)")
         return TrainResult(params, run_dir, final_path, history, start, 0, 0.0, 0.0, 0, 0.0, row_length, _fill(history))
 
+    # The one step program.
     t0 = time.perf_counter()
-    compiled, programs = compiled_step(model.config, config, row_length, mesh, params, opt_state)
+    compiled, programs = compiled_step(model.config, config, row_length, spec.mesh, params, opt_state)
     compile_s = time.perf_counter() - t0
     log(
-        f"finetune: {len(examples.ids)} examples, {n_devices} device(s), step = {config.micro_batches} x "
+        f"finetune: {len(examples.ids)} examples, {spec.mesh.devices.size} device(s), step = {config.micro_batches} x "
         f"{config.batch_rows} rows x {row_length} tokens, steps {start}->{config.steps}, "
         f"{programs} program(s) compiled in {compile_s:.1f}s"
     )
 
-    def put(batch: Batch) -> dict[str, jax.Array]:
-        arrays = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-        if jax.process_count() == 1:
-            return {k: jax.device_put(v, rows_sharding) for k, v in arrays.items()}
-        local = sharding.local_slots(mesh, config.batch_rows)
-        return {
-            k: jax.make_array_from_process_local_data(rows_sharding, v[:, local], v.shape) for k, v in arrays.items()
-        }
-
+    # The steps: each one's metrics are fetched while the next runs; checkpoints on process 0.
+    graphdef_f32 = nnx.split(nnx.eval_shape(lambda: Llama(model.config, dtype=jnp.float32)))[0]
+    put = _batch_putter(spec)
     bar = None
-    if progress and is_main:
+    if progress and sharding.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=run_dir.name, unit="step", dynamic_ncols=True)
+    steps = _StepLog(run_dir, history, bar, on_step)
     state = (params, opt_state)
-    real_tokens = 0
-    t_loop = t_done = time.perf_counter()
     pending: tuple[int, Batch, dict] | None = None
     last_saved = start
-
-    def finish(step: int, batch: Batch, metrics: dict) -> None:
-        nonlocal real_tokens, t_done
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        real_tokens += batch.real_tokens
-        now = time.perf_counter()
-        elapsed = now - t_loop
-        entry = {
-            "step": step,
-            **values,
-            "tokens": batch.real_tokens,
-            "response_tokens": batch.response_tokens,
-            "examples": batch.num_examples,
-            "token_slots": int(batch.tokens.size),
-            "wall_s": now - t_done,  # since the previous step finished (steps overlap with host work)
-        }
-        t_done = now
-        history.append(entry)
-        if not math.isfinite(values["loss"]):
-            raise FinetuneError(f"{run_dir}: loss became {values['loss']} at step {step}; lower train.learning_rate.")
-        if is_main:
-            with open(run_dir / _LOG_NAME, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{real_tokens / elapsed:.0f}"
-                )
-            if on_step is not None:
-                on_step(step, entry)
-
     try:
         for step in range(start + 1, config.steps + 1):
             batch = make_batch(examples, order.next_step(), config.batch_rows, row_length)
             normalizer = jax.device_put(np.float32(max(1, batch.response_tokens)), replicated)
             state, metrics = compiled(state, put(batch), normalizer)
-            # The previous step's metrics are fetched while this one runs.
             if pending is not None:
-                finish(*pending)
+                steps.finish(*pending)
             pending = (step, batch, metrics)
             if step % config.checkpoint_every == 0 or step == config.steps:
-                finish(*pending)
+                steps.finish(*pending)
                 pending = None
-                if is_main:
+                if sharding.is_main():
                     final_path = save_checkpoint(
                         run_dir,
                         step,
                         graphdef_f32,
                         state[0],
                         state[1],
-                        {"fingerprint": fingerprint, "stream_position": order.position, "row_length": row_length},
+                        {"fingerprint": spec.fingerprint, "stream_position": order.position, "row_length": row_length},
                         hf_config,
                         pathlib.Path(tokenizer_dir) if tokenizer_dir else None,
                         with_optimizer=step < config.steps,
@@ -278,14 +339,15 @@ def train(
                     keep_newest(run_dir, config.keep_checkpoints)
                 last_saved = step
         if pending is not None:
-            finish(*pending)
+            steps.finish(*pending)
     finally:
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - t_loop
+    wall = time.perf_counter() - steps.t_loop
     steps_run = config.steps - start
+    tokens_per_s = steps.real_tokens / max(wall, 1e-9)
     log(
-        f"finetune: {steps_run} steps in {wall:.1f}s ({real_tokens / max(wall, 1e-9):.0f} tokens/s), "
+        f"finetune: {steps_run} steps in {wall:.1f}s ({tokens_per_s:.0f} tokens/s), "
         f"final loss {history[-1]['loss']:.4f}, checkpoint {final_path} (step {last_saved}); "
         f"total {time.perf_counter() - t_start:.1f}s"
     )
@@ -299,7 +361,7 @@ def train(
         wall,
         compile_s,
         programs,
-        real_tokens / max(wall, 1e-9),
+        tokens_per_s,
         row_length,
         _fill(history),
     )

@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from nuggets_jax.errors import UserError
+from nuggets_jax.models.attention import TaskWindows
 from nuggets_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelConfigError
 from nuggets_jax.models.default import DefaultModelError, cache_root, ensure_default_model
 from nuggets_jax.models.gguf import GGUFError, conversion_lock, convert_gguf, file_sha256, is_converted
@@ -31,6 +32,7 @@ __all__ = [
     "ModelConfigError",
     "ModelLoadError",
     "PrefixCache",
+    "TaskWindows",
     "convert_gguf",
     "ensure_default_model",
     "load_model",

@@ -1,4 +1,4 @@
-"""Frozen model configuration of the Llama family, built from a HF `config.json`."""
+"""Frozen model configuration of the Llama family, built from a HF `config.json`; the model's FLOP count."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import dataclasses
 import json
 import pathlib
 from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
 
 from nuggets_jax.errors import UserError
 
@@ -61,6 +64,14 @@ class ModelConfig:
         """Query heads per key/value head (GQA)."""
         return self.num_heads // self.num_kv_heads
 
+    # -- model FLOPs: the one count behind every FLOP figure -------------------------------------
+    # `Engine.pair_flops` and the adaptive rounds report it, the block plan weighs prefix widths
+    # with it, the benchmarks and the full-job projection are built on it. Only matmuls count,
+    # 2 FLOPs per multiply-add: the body on every real token, the LM head on the positions that
+    # predict a scored response token, scores and weighted values per (query, key) pair. Norms,
+    # RoPE, softmax and padding are left out: the FLOPs the model needs, not what a padded batch
+    # executes. Lengths may be fractional (the benchmarks pass means).
+
     def flops_per_token(self, lm_head: bool = True) -> float:
         """Matmul FLOPs of one token through the body (+ LM head), attention scores excluded."""
         d, f = self.hidden_size, self.intermediate_size
@@ -69,9 +80,39 @@ class ModelConfig:
         total = self.num_layers * per_layer + (self.vocab_size * d if lm_head else 0)
         return 2.0 * total
 
-    def attention_flops(self, query_tokens: float, key_tokens: float) -> float:
-        """FLOPs of scores and weighted values for `query_tokens` x `key_tokens` pairs, all layers."""
+    def attention_flops(self, query_tokens, key_tokens):
+        """FLOPs of scores and weighted values for `query_tokens` x `key_tokens` pairs, all layers.
+
+        Either argument may be an array (elementwise).
+        """
         return 4.0 * self.num_layers * self.num_heads * self.head_dim * query_tokens * key_tokens
+
+    def prefix_flops(self, prefix_length: float) -> float:
+        """FLOPs of encoding one candidate's prefix: the body on every token, causal attention."""
+        p = float(prefix_length)
+        return p * self.flops_per_token(lm_head=False) + self.attention_flops(p, (p + 1) / 2)
+
+    def task_flops(self, prefix_length: float, task_lengths: ArrayLike, response_tokens: ArrayLike) -> float:
+        """FLOPs of task sequences after one cached prefix (the prefix's own encoding excluded).
+
+        Every task token goes through the body and attends to the whole prefix and causally to
+        its own task; only the positions predicting a scored response token reach the LM head.
+
+        Args:
+          prefix_length: real tokens of the prefix the tasks follow (0 = zero-shot).
+          task_lengths: [T] tokens of each task sequence (prompt ++ response, after the cut).
+          response_tokens: [T] scored response tokens of each task (length - response start).
+        """
+        body = self.flops_per_token(lm_head=False)
+        head = self.flops_per_token() - body
+        n = np.asarray(task_lengths, np.float64)
+        p = float(prefix_length)
+        scored = float(np.sum(np.asarray(response_tokens, np.float64)))
+        return float(n.sum() * body + scored * head + np.sum(self.attention_flops(n, p + (n + 1) / 2)))
+
+    def candidate_flops(self, prefix_length: float, task_lengths: ArrayLike, response_tokens: ArrayLike) -> float:
+        """FLOPs of one candidate: its prefix encoded once, then every task after it (args as `task_flops`)."""
+        return float(self.prefix_flops(prefix_length) + self.task_flops(prefix_length, task_lengths, response_tokens))
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:

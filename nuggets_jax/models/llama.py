@@ -10,6 +10,9 @@ compiles as one layer. Three entry points share the same layer code:
   (segment ids, or `TaskWindows`: each task attends inside its own window), then
   `token_logprobs` applies the LM head only where the caller asks.
 
+The attention kernels of the scoring path (cached prefix ++ packed rows, task windows) live in
+`attention.py`; this module is the decoder around them.
+
 Shape letters: N layers, C candidates, R rows, L row tokens, P prefix tokens, K kv heads,
 G query heads per kv head, H = K*G heads, Dh head dim, D model dim, F MLP dim, V vocab.
 """
@@ -23,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nuggets_jax.models import attention
+from nuggets_jax.models.attention import TaskWindows
 from nuggets_jax.models.config import ModelConfig
-
-_MASKED = -1e30  # finite, so fully masked (padding) rows stay finite instead of NaN.
 
 
 class PrefixCache(NamedTuple):
@@ -125,178 +128,9 @@ class DecoderStack(nnx.Module):
         return out
 
 
-def _attention(
-    q: jax.Array,  # [C, R, L, K, G, Dh]
-    k: jax.Array,  # [C, R, L, K, Dh]
-    v: jax.Array,  # [C, R, L, K, Dh]
-    row_mask: jax.Array,  # bool, broadcastable to [C, R, L(query), L(key)]
-    prefix: tuple[jax.Array, jax.Array, jax.Array] | None,  # k, v head-major [C, K, P, Dh]; mask to [C, R, L, P]
-) -> jax.Array:
-    """Softmax attention over [prefix keys ++ row keys] in float32; returns [C, R, L, K, G, Dh].
-
-    The row keys and the prefix keys are two `_partial_attention`s, merged (`_merge_partials`);
-    the prefix comes head-major already (`_heads_major`, once per layer).
-    """
-    row = _partial_attention(q, k, v, row_mask)
-    if prefix is None:
-        out, _, denom = row
-        return (out / denom[..., None]).astype(q.dtype)
-    kp, vp, prefix_mask = prefix
-    return _merge_partials(row, _partial_attention(q, kp, vp, prefix_mask, shared_keys=True)).astype(q.dtype)
-
-
-def _heads_major(kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """A layer's prefix (k, v) [C, P, K, Dh] -> [C, K, P, Dh], the layout `_attention` reads."""
-    return tuple(jnp.einsum("cpkd->ckpd", x) for x in kv)
-
-
-def _partial_attention(q, k, v, mask, shared_keys: bool = False):
-    """Unnormalised softmax attention of q [C, R, L, K, G, Dh] over one set of keys, in float32.
-
-    Keys and values are [C, R, M, K, Dh] (each r its own), or with `shared_keys` head-major
-    [C, K, M, Dh] for every r (a prefix); `mask` is bool, broadcastable to [C, R, L, M]. Returns
-    out [C, R, L, K, G, Dh] (value sum, not yet divided), peak and denom [C, R, L, K, G]: the
-    partial results that `_merge_partials` combines into the softmax over the union of key sets.
-    """
-    f32 = jnp.float32
-    q = jnp.einsum("crlkgd->crkgld", q) * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    if shared_keys:
-        s = jnp.einsum("crkgld,ckmd->crkglm", q, k, preferred_element_type=f32)
-    else:
-        k, v = jnp.einsum("crmkd->crkmd", k), jnp.einsum("crmkd->crkmd", v)
-        s = jnp.einsum("crkgld,crkmd->crkglm", q, k, preferred_element_type=f32)
-    s = jnp.where(mask[:, :, None, None], s, _MASKED)
-    peak = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.exp(s - peak)
-    denom = jnp.sum(e, axis=-1)
-    pattern = "crkglm,ckmd->crkgld" if shared_keys else "crkglm,crkmd->crkgld"
-    out = jnp.einsum(pattern, e.astype(v.dtype), v, preferred_element_type=f32)
-    return (
-        jnp.einsum("crkgld->crlkgd", out),
-        jnp.einsum("crkgl->crlkg", peak[..., 0]),
-        jnp.einsum("crkgl->crlkg", denom),
-    )
-
-
-def _merge_partials(a, b) -> jax.Array:
-    """Softmax attention over the union of two key sets from their `_partial_attention` results."""
-    (out_a, peak_a, denom_a), (out_b, peak_b, denom_b) = a, b
-    peak = jnp.maximum(peak_a, peak_b)
-    wa, wb = jnp.exp(peak_a - peak), jnp.exp(peak_b - peak)
-    return (out_a * wa[..., None] + out_b * wb[..., None]) / (denom_a * wa + denom_b * wb)[..., None]
-
-
-def _causal_blocks(q, k, v, causal, block: int):
-    """`_partial_attention` of causal windows [C, N, W, ...] in query blocks of about `block` (0 = one).
-
-    Queries of block j see only the window's keys up to the block's end, so the scores above the
-    diagonal of the later blocks are never computed (W = 208 in blocks of 52: 37% fewer scores).
-    """
-    width = q.shape[2]
-    n = 1 if block <= 0 else -(-width // block)
-    size = -(-width // n)
-    parts = [
-        _partial_attention(
-            q[:, :, s : s + size], k[:, :, : s + size], v[:, :, : s + size], causal[:, :, s : s + size, : s + size]
-        )
-        for s in range(0, width, size)
-    ]
-    return tuple(jnp.concatenate(p, axis=2) for p in zip(*parts, strict=True))
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, max(1, min(at_most, n)) + 1) if n % d == 0)
-
-
-def _masked(row_mask: jax.Array):
+def _without_prefix(row_mask: jax.Array):
     """The attention of whole rows without a prefix, under `row_mask` [C, R, L, L]."""
-    return lambda q, k, v, kv: _attention(q, k, v, row_mask, None)
-
-
-class TaskWindows(NamedTuple):
-    """Where attention runs for packed rows: every task in a window of its own (`packing.add_task_windows`).
-
-    A window holds a task's tokens from its first one on, so causal attention inside the window
-    is exactly the task's own attention, whatever the window's tail holds.
-    """
-
-    index: tuple[jax.Array, ...]  # per width W: [n_W, W] or [C, n_W, W] flat row-token index of each window
-    back: jax.Array  # [R * L] or [C, R * L]: each row token's place in the concatenated windows
-    queries_per_step: int = 0  # queries per attention step, windows and prefix (a loop keeps them in cache); 0 = all
-    query_block: int = 0  # queries per causal block inside a window (skips the upper triangle); 0 = whole
-
-
-def _task_window_attention(
-    q: jax.Array,  # [C, R, L, K, G, Dh]
-    k: jax.Array,  # [C, R, L, K, Dh]
-    v: jax.Array,  # [C, R, L, K, Dh]
-    windows: TaskWindows,
-    causal: tuple[jax.Array, ...],  # per width: bool [C, 1, W, W]
-    prefix: tuple[jax.Array, jax.Array, jax.Array],  # k, v [C, K, P, Dh]; mask [C, R * L, P] per row token
-) -> jax.Array:
-    """Attention of packed rows: each task over its own window, every row token over the prefix.
-
-    Every window gathers its task's queries, keys and values from the flattened rows and attends
-    causally inside the window: a query meets only its own task's earlier keys, so none of the
-    cross-task (masked) scores of a whole-row attention is computed. The prefix part runs on the
-    row tokens themselves (no window slot is scored against the prefix), and the two partial
-    softmaxes are merged. With `queries_per_step` both run a few windows / row tokens at a time
-    in loops that slice their inputs themselves, so a step's scores stay in cache.
-    """
-    c, n_tokens = q.shape[0], q.shape[1] * q.shape[2]
-    flat = [a.reshape(c, n_tokens, *a.shape[3:]) for a in (q, k, v)]  # [C, R * L, ...]
-    take = jax.vmap(lambda x, i: x[i]) if windows.back.ndim == 2 else (lambda x, i: x[:, i])
-    head_shape = q.shape[3:-1]  # (K, G)
-
-    def zeros(n, width):  # partial-result buffers [C, n, width, K, G, Dh], [.., K, G] x 2
-        return (
-            jnp.zeros((c, n, width, *q.shape[3:]), jnp.float32),
-            jnp.zeros((c, n, width, *head_shape), jnp.float32),
-            jnp.zeros((c, n, width, *head_shape), jnp.float32),
-        )
-
-    def put(bufs, parts, at):
-        return tuple(jax.lax.dynamic_update_slice_in_dim(b, p, at, axis=1) for b, p in zip(bufs, parts, strict=True))
-
-    # Task windows, causal: partial results per window slot, then back in row order.
-    parts = []
-    for b, index in enumerate(windows.index):
-        n, width = index.shape[-2:]
-
-        def attend(idx, b=b):  # idx [.., s, W] -> partials [C, s, W, ...]
-            qw, kw, vw = (take(x, idx) for x in flat)
-            return _causal_blocks(qw, kw, vw, causal[b], windows.query_block)
-
-        per_step = _largest_divisor(n, max(1, windows.queries_per_step // width) if windows.queries_per_step else n)
-        if per_step == n:
-            part = attend(index)
-        else:
-
-            def step(i, bufs, attend=attend, index=index, per_step=per_step):
-                idx = jax.lax.dynamic_slice_in_dim(index, i * per_step, per_step, axis=-2)
-                return put(bufs, attend(idx), i * per_step)
-
-            part = jax.lax.fori_loop(0, n // per_step, step, zeros(n, width))
-        parts.append(tuple(x.reshape(c, -1, *x.shape[3:]) for x in part))
-    window_part = tuple(take(jnp.concatenate(p, axis=1), windows.back) for p in zip(*parts, strict=True))
-
-    # The prefix, on the row tokens: `queries_per_step` (or fewer, a divisor) row tokens a step.
-    kp, vp, prefix_mask = prefix
-    tile = _largest_divisor(n_tokens, windows.queries_per_step or n_tokens)
-
-    def prefix_tile(start):
-        qt = jax.lax.dynamic_slice_in_dim(flat[0], start, tile, axis=1)[:, None]  # [C, 1, T, K, G, Dh]
-        mt = jax.lax.dynamic_slice_in_dim(prefix_mask, start, tile, axis=1)[:, None]  # [C, 1, T, P]
-        return _partial_attention(qt, kp, vp, mt, shared_keys=True)  # [C, 1, T, ...]
-
-    if tile == n_tokens:
-        prefix_part = tuple(x[:, 0] for x in prefix_tile(0))
-    else:
-        bufs = jax.lax.fori_loop(
-            0, n_tokens // tile, lambda i, bufs: put(bufs, prefix_tile(i * tile), i), zeros(n_tokens // tile, tile)
-        )
-        prefix_part = tuple(x.reshape(c, n_tokens, *x.shape[3:]) for x in bufs)
-    return _merge_partials(window_part, prefix_part).reshape(q.shape).astype(q.dtype)
+    return lambda q, k, v, kv: attention.masked_attention(q, k, v, row_mask, None)
 
 
 def _decoder_layer(
@@ -388,7 +222,7 @@ class Llama(nnx.Module):
         causal = jnp.tril(jnp.ones((length, length), bool))
         row_mask = causal[None] & valid[:, None, :] & self._window(positions, positions)  # [B, L, L]
         x = self.embed[...][tokens][:, None]  # [B, 1, L, D]
-        h, _ = self._run_layers(x, positions[:, None], _masked(row_mask[:, None]), None)
+        h, _ = self._run_layers(x, positions[:, None], _without_prefix(row_mask[:, None]), None)
         return h[:, 0]
 
     def __call__(
@@ -426,7 +260,7 @@ class Llama(nnx.Module):
         causal = jnp.tril(jnp.ones((p, p), bool))
         row_mask = (causal[None] & mask[:, None, :] & self._window(positions, positions))[:, None]
         x = self.embed[...][tokens][:, None]
-        _, (keys, values) = self._run_layers(x, positions[:, None], _masked(row_mask), None)
+        _, (keys, values) = self._run_layers(x, positions[:, None], _without_prefix(row_mask), None)
         # scan stacked [N, C, 1, P, K, Dh]; drop the row axis.
         return PrefixCache(keys[:, :, 0], values[:, :, 0], mask, jnp.sum(mask, axis=1).astype(jnp.int32))
 
@@ -435,7 +269,7 @@ class Llama(nnx.Module):
         prefix: PrefixCache,
         tokens: jax.Array,  # [R, L] or [C, R, L] int
         task_positions: jax.Array,  # [R, L] or [C, R, L]: position inside its task, from 0
-        segment_ids: jax.Array,  # [R, L] or [C, R, L]: task slot in the row, -1 for padding
+        segment_ids: jax.Array,  # [R, L] or [C, R, L]: index of its task in the row, -1 for padding
         windows: TaskWindows | None = None,
     ) -> jax.Array:
         """Hidden states [C, R, L, D] of task rows that follow each candidate's prefix.
@@ -470,7 +304,7 @@ class Llama(nnx.Module):
             row_mask = same_task & earlier & real & self._window(absolute + task_positions, absolute + task_positions)
 
             def attend(q, k, v, kv):
-                return _attention(q, k, v, row_mask, (*_heads_major(kv), pm))
+                return attention.masked_attention(q, k, v, row_mask, (*attention.heads_major(kv), pm))
         else:
             causal = []
             for index in windows.index:
@@ -482,41 +316,43 @@ class Llama(nnx.Module):
             row_pm = pm.reshape(c, -1, p)  # [C, R * L, P]
 
             def attend(q, k, v, kv):
-                return _task_window_attention(q, k, v, windows, tuple(causal), (*_heads_major(kv), row_pm))
+                return attention.task_window_attention(
+                    q, k, v, windows, tuple(causal), (*attention.heads_major(kv), row_pm)
+                )
 
         x = self.embed[...][tokens]
         h, _ = self._run_layers(x, positions, attend, prefix)
         return h
 
     def token_logprobs(
-        self, h: jax.Array, targets: jax.Array, chunk: int = 512, vocab_tile: int = 0
+        self, h: jax.Array, targets: jax.Array, lm_chunk: int = 512, lm_head_vocab_tile: int = 0
     ) -> tuple[jax.Array, jax.Array]:
         """log p(target) and whether the argmax is the target, at chosen positions.
 
-        The LM head runs over `chunk` positions at a time (per leading index) and, with
-        `vocab_tile`, over that many vocabulary entries at a time with a running log-sum-exp, so
-        only [..., chunk, vocab_tile] logits exist at once: on CPU they stay in cache between the
+        The LM head runs over `lm_chunk` positions at a time (per leading index) and, with
+        `lm_head_vocab_tile`, over that many vocabulary entries at a time with a running log-sum-exp, so
+        only [..., lm_chunk, lm_head_vocab_tile] logits exist at once: on CPU they stay in cache between the
         matmul and the softmax. 0 = the whole vocabulary in one tile.
 
         Args:
           h: [..., M, D] final-norm hidden states at the positions that predict `targets`.
           targets: [..., M] int token ids.
-          chunk: positions per LM-head call.
-          vocab_tile: vocabulary entries per tile (0 = all).
+          lm_chunk: positions per LM-head call.
+          lm_head_vocab_tile: vocabulary entries per tile (0 = all).
         Returns:
           logp [..., M] float32, correct [..., M] bool (argmax == target, ties to the first index).
         """
         m = h.shape[-2]
-        chunk = max(1, min(chunk, m))
-        pad = (-m) % chunk
+        lm_chunk = max(1, min(lm_chunk, m))
+        pad = (-m) % lm_chunk
         lead = h.shape[:-2]
         hs = jnp.pad(h, [(0, 0)] * len(lead) + [(0, pad), (0, 0)])
         ts = jnp.pad(targets, [(0, 0)] * len(lead) + [(0, pad)])
-        # [n_chunks, ..., chunk, D]: map over chunks, keep the leading (sharded) axes intact.
-        hs = jnp.moveaxis(hs.reshape(*lead, -1, chunk, h.shape[-1]), -3, 0)
-        ts = jnp.moveaxis(ts.reshape(*lead, -1, chunk), -2, 0)
+        # [n_chunks, ..., lm_chunk, D]: map over chunks, keep the leading (sharded) axes intact.
+        hs = jnp.moveaxis(hs.reshape(*lead, -1, lm_chunk, h.shape[-1]), -3, 0)
+        ts = jnp.moveaxis(ts.reshape(*lead, -1, lm_chunk), -2, 0)
         vocab = self.config.vocab_size
-        tile = vocab if vocab_tile <= 0 else min(vocab_tile, vocab)
+        tile = vocab if lm_head_vocab_tile <= 0 else min(lm_head_vocab_tile, vocab)
         full_tiles, rest = divmod(vocab, tile)
 
         def one(args):
@@ -524,7 +360,7 @@ class Llama(nnx.Module):
 
             def update(carry, start, width):
                 peak, total, target_logit, first = carry
-                logits = self._logits_slice(hc, start, width)  # [..., chunk, width] float32
+                logits = self._logits_slice(hc, start, width)  # [..., lm_chunk, width] float32
                 tile_peak = jnp.max(logits, axis=-1)
                 new_peak = jnp.maximum(peak, tile_peak)
                 total = total * jnp.exp(peak - new_peak) + jnp.sum(jnp.exp(logits - new_peak[..., None]), axis=-1)

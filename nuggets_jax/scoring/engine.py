@@ -7,7 +7,10 @@ LM head, and their log-probs are summed per task on the device, so a call return
 All programs are compiled ahead of time (one encode and one step per prefix bucket); the loop
 only calls compiled executables, so nothing compiles after warm-up.
 
-The pass over a whole pool, saved chunk by chunk to the store, is `one_shot.run_one_shot`.
+The loop over blocks of candidates, saved chunk by chunk to the store, is `blocks.BlockScorer`
+(the exact pass `one_shot.run_one_shot` and the adaptive rounds run through it). This module runs
+past 400 lines because `Engine` is one object: its compiled programs, the device arrays of its row
+groups and the dispatch/collect pairs that use them share one state.
 """
 
 from __future__ import annotations
@@ -109,9 +112,9 @@ def _encode_program(graphdef, state, tokens, mask) -> PrefixCache:
 
 def _step_program(
     graphdef,
-    num_slots: int,
+    tasks_per_group: int,
     lm_chunk: int,
-    vocab_tile: int,
+    lm_head_vocab_tile: int,
     attention_queries: int,
     attention_block: int,
     state,
@@ -121,23 +124,23 @@ def _step_program(
     segment_ids,
     score_index,
     score_target,
-    score_slot,
+    score_task,
     window_index,
     window_back,
 ):
-    """[C, R, L] rows after each candidate's prefix -> per-slot sums: logp [C, S] f32, correct [C, S] i32."""
+    """[C, R, L] rows after each candidate's prefix -> per-task sums: logp [C, S] f32, correct [C, S] i32."""
     model = nnx.merge(graphdef, state)
     windows = TaskWindows(tuple(window_index), window_back, attention_queries, attention_block)
     h = model.forward_rows(cache, tokens, task_positions, segment_ids, windows)  # [C, R, L, D]
     c, d = h.shape[0], h.shape[-1]
     h = jnp.take_along_axis(h.reshape(c, -1, d), score_index[..., None], axis=1)  # [C, M, D]
-    logp, correct = model.token_logprobs(h, score_target, lm_chunk, vocab_tile)  # [C, M]
+    logp, correct = model.token_logprobs(h, score_target, lm_chunk, lm_head_vocab_tile)  # [C, M]
 
-    def per_slot(values, slots):
-        return jax.ops.segment_sum(values, slots, num_segments=num_slots + 1)[:num_slots]
+    def per_task(values, tasks):  # the padding positions count for task S, dropped
+        return jax.ops.segment_sum(values, tasks, num_segments=tasks_per_group + 1)[:tasks_per_group]
 
-    logp_sum = jax.vmap(per_slot)(logp, score_slot)
-    correct_sum = jax.vmap(per_slot)(correct.astype(jnp.int32), score_slot)
+    logp_sum = jax.vmap(per_task)(logp, score_task)
+    correct_sum = jax.vmap(per_task)(correct.astype(jnp.int32), score_task)
     return logp_sum, correct_sum
 
 
@@ -194,84 +197,52 @@ class Engine:
         self.model_config = model.config
         self.tasks = tasks
         self.num_tasks = len(tasks.ids)
+        self.task_lengths = [len(t) for t in tasks.ids]
         self.slots = config.candidates_per_device * self.mesh.devices.size  # C, global
         self.local = sharding.local_slots(self.mesh, self.slots)
-        max_len = max(len(t) for t in tasks.ids)
-        per_call = config.tokens_per_device // config.candidates_per_device
-        lengths = [len(t) for t in tasks.ids]
-        # One process: a lone candidate's rows can be dealt over the slots (`dispatch_dealt`), so
-        # plan a row count that divides evenly among them.
+        # One process: a lone candidate's rows can be dealt over the slots (`dispatch_dealt`).
         dealable = jax.process_count() == 1 and self.slots > 1
-        self.row_length = config.row_length or plan_rows(lengths, per_call, rows_multiple=self.slots if dealable else 1)
-        if self.row_length < max_len:
-            raise ScoringError(
-                f"scoring.row_length={self.row_length} is shorter than the longest task "
-                f"({max_len} tokens); set 0 (auto) or at least {max_len}."
-            )
-        self.window_widths = prefix_buckets(lengths, config.max_window_widths)
+
+        # Task layouts: rows of row_length tokens, one row per group, task windows of a few widths.
+        self.row_length = self._row_length(dealable)
+        self.window_widths = prefix_buckets(self.task_lengths, config.max_window_widths)
         self.layout = self._layouts([np.arange(self.num_tasks)])[0]
         self.subset_layouts = self._layouts(column_sets) if len(column_sets) else []
         self.rows_per_group = self.layout.groups[0].tokens.shape[0]
-        # Row groups a block leftover can deal over the slots (`one_shot.plan_blocks`); 0 = never.
+        # Row groups a block leftover can deal over the slots (`blocks.plan_blocks`); 0 = never.
         self.deal_groups = len(self.layout.groups) if dealable else 0
+
+        # Prefix buckets: one encode program and one step program per layout shape for each.
         self.buckets = prefix_buckets(list(prefix_lengths), config.max_prefix_buckets)
-        longest = self.buckets[-1] + self.row_length
-        if longest > model.config.max_position_embeddings:
-            log(
-                f"warning: prefix + task reach {longest} positions, beyond the model's "
-                f"max_position_embeddings={model.config.max_position_embeddings}"
-            )
+        self._warn_past_positions(log)
+        self.lm_chunk = max(8, config.lm_head_tokens // config.candidates_per_device)
         graphdef, state = nnx.split(model)
         self.state = jax.device_put(state, sharding.replicated(self.mesh))
-        self.lm_chunk = max(8, config.lm_head_tokens // config.candidates_per_device)
         t0 = time.perf_counter()
-        self._encode, self._step = {}, {}
-        data = sharding.data_sharding(self.mesh)
-        cfg = model.config
-        shapes = {lay.groups[0].program_shape: lay.groups[0] for lay in [self.layout, *self.subset_layouts]}
-        for width in self.buckets:
-            tok = jax.ShapeDtypeStruct((self.slots, width), jnp.int32, sharding=data)
-            msk = jax.ShapeDtypeStruct((self.slots, width), jnp.bool_, sharding=data)
-            encode = jax.jit(
-                functools.partial(_encode_program, graphdef),
-                out_shardings=PrefixCache(_axis1(self.mesh), _axis1(self.mesh), data, data),
-            )
-            self._encode[width] = encode.lower(self.state, tok, msk).compile()
-            kv = jax.ShapeDtypeStruct(
-                (cfg.num_layers, self.slots, width, cfg.num_kv_heads, cfg.head_dim),
-                model.dtype,
-                sharding=_axis1(self.mesh),
-            )
-            cache = PrefixCache(kv, kv, msk, jax.ShapeDtypeStruct((self.slots,), jnp.int32, sharding=data))
-            for key, group in shapes.items():
-                r, length, m, s = group.shape
-                rows = jax.ShapeDtypeStruct((self.slots, r, length), jnp.int32, sharding=data)
-                score = jax.ShapeDtypeStruct((self.slots, m), jnp.int32, sharding=data)
-                windows = tuple(
-                    jax.ShapeDtypeStruct((self.slots, *w.shape), jnp.int32, sharding=data) for w in group.window_index
-                )
-                back = jax.ShapeDtypeStruct((self.slots, r * length), jnp.int32, sharding=data)
-                static = (s, self.lm_chunk, config.lm_head_vocab_tile, config.attention_queries, config.attention_block)
-                step = jax.jit(functools.partial(_step_program, graphdef, *static))
-                self._step[width, key] = step.lower(
-                    self.state, cache, rows, rows, rows, score, score, score, windows, back
-                ).compile()
+        self._encode, self._step = self._compile(graphdef, model.dtype)
         self.compile_s = time.perf_counter() - t0
         self.programs = len(self._encode) + len(self._step)
+
         self._group_arrays: dict[int, list[tuple[jax.Array, ...]]] = {}
         self._dealt_arrays: dict[tuple, tuple] = {}
-        r, length = self.layout.groups[0].tokens.shape
-        span = "task windows of " + "/".join(str(w.shape[1]) for w in self.layout.groups[0].window_index)
-        log(
-            f"engine: {self.mesh.devices.size} device(s), C={self.slots} candidates/call, rows {r}x{length} "
-            f"(fill {self.layout.fill:.0%}, {len(self.layout.groups)} group(s)), attention over {span}, "
-            f"prefix buckets {self.buckets}, "
-            f"{self.programs} programs compiled in {self.compile_s:.1f}s"
-        )
+        log(self._summary())
+
+    def _row_length(self, dealable: bool) -> int:
+        """L: the configured row length, or `plan_rows`'s (a row count the slots divide when dealable)."""
+        config, longest = self.config, max(self.task_lengths)
+        per_call = config.tokens_per_device // config.candidates_per_device
+        rows_multiple = self.slots if dealable else 1
+        row_length = config.row_length or plan_rows(self.task_lengths, per_call, rows_multiple=rows_multiple)
+        if row_length < longest:
+            raise ScoringError(
+                f"scoring.row_length={row_length} is shorter than the longest task "
+                f"({longest} tokens); set 0 (auto) or at least {longest}."
+            )
+        return row_length
 
     def _layouts(self, column_sets: Sequence[Sequence[int]]) -> list[TaskLayout]:
         """Layouts of the column sets, one row per group, padded to one shape (task windows included)."""
-        lengths = [len(t) for t in self.tasks.ids]
+        lengths = self.task_lengths
         layouts = []
         for cols in column_sets:
             rows = fewest_rows([lengths[c] for c in cols], self.row_length)
@@ -279,6 +250,55 @@ class Engine:
         m = max(g.shape[2] for lay in layouts for g in lay.groups)
         s = max(g.shape[3] for lay in layouts for g in lay.groups)
         return add_task_windows([pad_layout(lay, 1, m, s) for lay in layouts], self.window_widths)
+
+    def _warn_past_positions(self, log: Callable[[str], None]) -> None:
+        longest = self.buckets[-1] + self.row_length
+        limit = self.model_config.max_position_embeddings
+        if longest > limit:
+            log(f"warning: prefix + task reach {longest} positions, beyond the model's max_position_embeddings={limit}")
+
+    def _compile(self, graphdef, dtype) -> tuple[dict, dict]:
+        """Every program, ahead of time: encode[width] and step[width, group program_shape]."""
+        config, cfg, slots = self.config, self.model_config, self.slots
+        data, kv_sharding = sharding.data_sharding(self.mesh), _axis1(self.mesh)
+        shapes = {lay.groups[0].program_shape: lay.groups[0] for lay in [self.layout, *self.subset_layouts]}
+        encode_programs, step_programs = {}, {}
+        for width in self.buckets:
+            tok = jax.ShapeDtypeStruct((slots, width), jnp.int32, sharding=data)
+            msk = jax.ShapeDtypeStruct((slots, width), jnp.bool_, sharding=data)
+            encode = jax.jit(
+                functools.partial(_encode_program, graphdef),
+                out_shardings=PrefixCache(kv_sharding, kv_sharding, data, data),
+            )
+            encode_programs[width] = encode.lower(self.state, tok, msk).compile()
+            kv = jax.ShapeDtypeStruct(
+                (cfg.num_layers, slots, width, cfg.num_kv_heads, cfg.head_dim), dtype, sharding=kv_sharding
+            )
+            cache = PrefixCache(kv, kv, msk, jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=data))
+            for key, group in shapes.items():
+                r, length, m, s = group.shape
+                rows = jax.ShapeDtypeStruct((slots, r, length), jnp.int32, sharding=data)
+                score = jax.ShapeDtypeStruct((slots, m), jnp.int32, sharding=data)
+                windows = tuple(
+                    jax.ShapeDtypeStruct((slots, *w.shape), jnp.int32, sharding=data) for w in group.window_index
+                )
+                back = jax.ShapeDtypeStruct((slots, r * length), jnp.int32, sharding=data)
+                static = (s, self.lm_chunk, config.lm_head_vocab_tile, config.attention_queries, config.attention_block)
+                step = jax.jit(functools.partial(_step_program, graphdef, *static))
+                step_programs[width, key] = step.lower(
+                    self.state, cache, rows, rows, rows, score, score, score, windows, back
+                ).compile()
+        return encode_programs, step_programs
+
+    def _summary(self) -> str:
+        r, length = self.layout.groups[0].tokens.shape
+        span = "task windows of " + "/".join(str(w.shape[1]) for w in self.layout.groups[0].window_index)
+        return (
+            f"engine: {self.mesh.devices.size} device(s), C={self.slots} candidates/call, rows {r}x{length} "
+            f"(fill {self.layout.fill:.0%}, {len(self.layout.groups)} group(s)), attention over {span}, "
+            f"prefix buckets {self.buckets}, "
+            f"{self.programs} programs compiled in {self.compile_s:.1f}s"
+        )
 
     @property
     def _n_local(self) -> int:
@@ -288,7 +308,7 @@ class Engine:
         return sharding.put_local(self.mesh, local, (self.slots, *local.shape[1:]))
 
     def _put_group(self, groups: Sequence[RowGroup]) -> tuple:
-        fields = ("tokens", "task_positions", "segment_ids", "score_index", "score_target", "score_slot")
+        fields = ("tokens", "task_positions", "segment_ids", "score_index", "score_target", "score_task")
         arrays = tuple(self._put(np.stack([getattr(g, f) for g in groups])) for f in fields)
         windows = tuple(self._put(np.stack(w)) for w in zip(*(g.window_index for g in groups), strict=True))
         return (*arrays, windows, self._put(np.stack([g.window_back for g in groups])))
@@ -367,7 +387,7 @@ class Engine:
         logp = np.full((k, self.num_tasks), np.nan, np.float32)
         correct = np.zeros((k, self.num_tasks), np.int32)
         for group, (logp_sum, correct_sum) in pending:
-            all_logp, all_correct = _gather_slots(logp_sum), _gather_slots(correct_sum)
+            all_logp, all_correct = sharding.gather(logp_sum), sharding.gather(correct_sum)
             for s, g in enumerate(group):
                 if g < len(layout.groups):
                     tasks = layout.groups[g].tasks
@@ -406,15 +426,8 @@ class Engine:
         return logp, correct, stats
 
     def pair_flops(self, prefix_length: int) -> float:
-        """Model FLOPs one candidate needs: its prefix once, then every task after it (real tokens only)."""
-        cfg = self.model_config
-        body, head = cfg.flops_per_token(lm_head=False), cfg.flops_per_token() - cfg.flops_per_token(False)
-        n = np.asarray([len(ids) for ids in self.tasks.ids], np.float64)
-        p = float(prefix_length)
-        # Tasks: body on every token, LM head on the response, attention to the prefix and the causal task.
-        tasks = n.sum() * body + float(self.tasks.n_tokens.sum()) * head
-        tasks += cfg.attention_flops(1.0, float(np.sum(n * (p + (n + 1) / 2))))
-        return float(p * body + cfg.attention_flops(p, (p + 1) / 2) + tasks)
+        """Model FLOPs of one candidate: its prefix once, then every task after it (`ModelConfig.candidate_flops`)."""
+        return self.model_config.candidate_flops(prefix_length, self.task_lengths, self.tasks.n_tokens)
 
 
 def dealt_calls(groups: int, slots: int, k: int) -> int:
@@ -425,14 +438,6 @@ def dealt_calls(groups: int, slots: int, k: int) -> int:
 def _axis1(mesh) -> jax.sharding.NamedSharding:
     """Sharding of [N, C, ...] prefix K/V: the candidate axis (1) on `data`."""
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-
-
-def _gather_slots(array: jax.Array) -> np.ndarray:
-    if jax.process_count() == 1:
-        return np.asarray(array)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def prefix_lengths_of(prefixes: TokenizedPrefixes) -> list[int]:

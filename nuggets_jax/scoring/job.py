@@ -1,8 +1,10 @@
-"""The scoring job: a config in, a workdir out (DESIGN.md, "Workdir of a scoring run").
+"""The scoring job: a config in, a workdir out (docs/ARCHITECTURE.md, "The workdir of a scoring run").
 
-`run_score` resolves the inputs, refuses a workdir that holds scores of different inputs, scores
-what is not yet stored (zero-shot once, then every candidate), and process 0 writes
-config.json, scores.npz, ranking.jsonl, golden.json, run.json and report.md.
+`run_score` resolves the config once into a `ScoreSpec` (validated before any model is loaded),
+then runs its phases in order: prepare the workdir, load the inputs, load the model and check the
+fingerprint (a workdir never mixes scores of different inputs), tokenize, build the engine, the
+zero-shot pass, the candidates (exact, or adaptive rounds), and process 0 writes config.json,
+scores.npz, ranking.jsonl, golden.json, run.json (`run_info.RunInfo`) and report.md.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ import hashlib
 import json
 import os
 import pathlib
-import platform
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +26,11 @@ from nuggets_jax import select as select_lib
 from nuggets_jax import sharding, synthetic
 from nuggets_jax import store as store_lib
 from nuggets_jax.errors import UserError
+from nuggets_jax.scoring import run_info
+from nuggets_jax.scoring.adaptive.config import AdaptiveConfig
+
+if TYPE_CHECKING:  # imported with the model code, in `validate`
+    from nuggets_jax.scoring.engine import EngineConfig
 
 
 class JobError(UserError):
@@ -52,45 +58,65 @@ def token_policy(config) -> data_lib.TokenPolicy:
     return data_lib.token_policy(config.preset, config.data)
 
 
-def selection_rule(config) -> dict[str, float | int]:
-    """Exactly one of select.top_n / top_fraction / threshold; top_fraction=0.1 when none is set."""
-    rule = {k: config.select.get(k) for k in ("top_n", "top_fraction", "threshold")}
-    rule = {k: v for k, v in rule.items() if v is not None}
-    if len(rule) > 1:
-        raise JobError(f"set only one of select.top_n / select.top_fraction / select.threshold, got {rule}.")
-    return rule or {"top_fraction": 0.1}
+@dataclasses.dataclass(frozen=True)
+class ScoreSpec:
+    """What a scoring config determines, resolved and validated once (`validate`).
+
+    Attributes:
+      policy: the token policy (preset plus `data.*` overrides).
+      template: the prompt template.
+      selection: the rule that picks the golden set.
+      engine: the batching knobs (`scoring.*`).
+      adaptive: the adaptive settings (also read in exact mode, to complete an adaptive workdir).
+      mode: "exact" or "adaptive".
+      metric: the ranking metric.
+    """
+
+    policy: data_lib.TokenPolicy
+    template: data_lib.Template
+    selection: select_lib.SelectionRule
+    engine: EngineConfig
+    adaptive: AdaptiveConfig
+    mode: str
+    metric: str
 
 
-def validate(config) -> None:
-    """Checks everything that can be checked before loading a model."""
+def validate(config) -> ScoreSpec:
+    """Checks everything that can be checked before loading a model; returns the resolved spec."""
     if config.metric not in metrics_lib.METRICS:
         raise JobError(f"unknown metric {config.metric!r}; choose one of: {', '.join(metrics_lib.METRICS)}.")
     from nuggets_jax.models import DTYPES
+    from nuggets_jax.scoring.engine import EngineConfig
 
     if config.model.dtype not in DTYPES:
         raise JobError(f"unknown model.dtype {config.model.dtype!r}; choose one of: {', '.join(DTYPES)}.")
-    token_policy(config)
-    rule = selection_rule(config)
-    if "top_fraction" in rule and not 0 < rule["top_fraction"] <= 1:
-        raise JobError(f"select.top_fraction must be in (0, 1], got {rule['top_fraction']}.")
-    if "top_n" in rule and rule["top_n"] < 1:
-        raise JobError(f"select.top_n must be at least 1, got {rule['top_n']}.")
+    policy = token_policy(config)
+    selection = select_lib.SelectionRule.from_config(config.select)
     if config.scoring.candidates_per_device < 1 or config.scoring.tokens_per_device < 0:
         raise JobError("scoring.candidates_per_device must be positive, scoring.tokens_per_device >= 0 (0 = auto).")
     if config.scoring.mode not in ("exact", "adaptive"):
         raise JobError(f"unknown scoring.mode {config.scoring.mode!r}; choose exact or adaptive.")
+    adaptive = AdaptiveConfig.from_mapping(config.adaptive)
     if config.scoring.mode == "adaptive":
-        from nuggets_jax.scoring.adaptive.config import METRICS, AdaptiveConfig
-
-        if config.metric not in METRICS:
-            raise JobError(f"scoring.mode=adaptive supports metric {' | '.join(METRICS)}, got {config.metric!r}.")
-        AdaptiveConfig.from_mapping(config.adaptive)
-        ranks_pairs = config.adaptive.panel or config.adaptive.compare == "pairwise"
-        if ranks_pairs and config.select.get("threshold") is not None:
+        if config.metric not in metrics_lib.ADAPTIVE_METRICS:
+            raise JobError(
+                f"scoring.mode=adaptive supports metric {' | '.join(metrics_lib.ADAPTIVE_METRICS)}, "
+                f"got {config.metric!r}."
+            )
+        if (adaptive.panel or adaptive.compare == "pairwise") and selection.threshold is not None:
             raise JobError(
                 "adaptive.panel and adaptive.compare=pairwise need select.top_n or select.top_fraction, "
                 "not select.threshold."
             )
+    return ScoreSpec(
+        policy=policy,
+        template=data_lib.Template.from_config(config.data),
+        selection=selection,
+        engine=EngineConfig(**{f.name: config.scoring[f.name] for f in dataclasses.fields(EngineConfig)}),
+        adaptive=adaptive,
+        mode=config.scoring.mode,
+        metric=config.metric,
+    )
 
 
 def _digest(obj: Any) -> str:
@@ -104,7 +130,7 @@ def load_inputs(config, workdir: pathlib.Path) -> Inputs:
         if spec == "default":
             objects = generate()
             source = f"<generated {role}: nuggets_jax.synthetic>"
-            if os.environ.get("NUGGETS_KEEP_DEFAULT_DATA", "1") == "1" and _is_main():
+            if os.environ.get("NUGGETS_KEEP_DEFAULT_DATA", "1") == "1" and sharding.is_main():
                 path = workdir / "data" / f"{role}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 store_lib.atomic_write_bytes(path, json.dumps(objects, ensure_ascii=False, indent=1).encode())
@@ -151,35 +177,19 @@ def check_fingerprint(workdir: pathlib.Path, current: dict[str, Any], fresh: boo
         saved = json.loads(path.read_text())
         changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
         if changed and not fresh:
-            n = len(list(store.root.glob("process_*/*.npz")))
+            n = len(store.every_process_names())
             raise WorkdirMismatchError(
                 f"{workdir}: holds scores of a different run ({n} saved chunk(s)); changed: {', '.join(changed)}. "
                 "Use another --workdir, or add --config.fresh=True to discard the saved scores and start over."
             )
         if changed:
             store.clear()
-    if _is_main():
+    if sharding.is_main():
         store_lib.atomic_write_bytes(path, json.dumps(current, indent=2, ensure_ascii=False).encode())
 
 
-def _is_main() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
-
-def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs the whole scoring job and returns run.json's content."""
-    validate(config)
-    sharding.initialize(sharding.DistributedConfig(**config.distributed.to_dict()))
-    import jax
-
-    from nuggets_jax import models
-    from nuggets_jax.scoring import engine as scoring
-    from nuggets_jax.scoring import one_shot as one_shot
-
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+    """Creates the workdir; refuses one that cannot be written."""
     workdir = pathlib.Path(workdir).expanduser()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -187,173 +197,171 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         raise JobError(f"{workdir}: cannot create the workdir ({e.strerror}); choose a writable --workdir.") from None
     if not os.access(workdir, os.W_OK):
         raise JobError(f"{workdir}: not writable; choose a writable --workdir.")
+    return workdir
+
+
+def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the whole scoring job and returns run.json's content."""
+    spec = validate(config)
+    sharding.initialize(sharding.DistributedConfig(**config.distributed.to_dict()))
+    import jax
+
+    from nuggets_jax import models
+
+    t_start, timings = time.perf_counter(), run_info.Timings()
+    workdir = prepare_workdir(workdir)
     store = store_lib.ScoreStore(workdir, jax.process_index())
-    policy = token_policy(config)
-    template = data_lib.Template.from_config(config.data)
     inputs = load_inputs(config, workdir)
-
-    adaptive_mode = config.scoring.mode == "adaptive"
-    t0 = time.perf_counter()
-    loaded = models.load_model(config.model.path, dtype=config.model.dtype)
-    timings["load_s"] = time.perf_counter() - t0
-    check_fingerprint(
-        workdir,
-        fingerprint(config, inputs, models.model_fingerprint(loaded.model_dir), policy),
-        config.fresh,
-        store,
-    )
-    if _is_main():
+    with timings.timed("load_s"):
+        loaded = models.load_model(config.model.path, dtype=config.model.dtype)
+    current = fingerprint(config, inputs, models.model_fingerprint(loaded.model_dir), spec.policy)
+    check_fingerprint(workdir, current, config.fresh, store)
+    if sharding.is_main():
         store_lib.atomic_write_bytes(workdir / "config.json", config.to_json(indent=2).encode())
+    with timings.timed("tokenize_s"):
+        tasks, prefixes = tokenize(loaded.tokenizer, inputs, spec, log)
 
-    t0 = time.perf_counter()
-    tasks = data_lib.tokenize_tasks(loaded.tokenizer, inputs.tasks, template, policy, inputs.tasks_source)
-    prefixes = data_lib.tokenize_prefixes(loaded.tokenizer, inputs.pool, template, policy)
-    timings["tokenize_s"] = time.perf_counter() - t0
+    engine, partial = build_engine(spec, loaded.model, tasks, prefixes, store, log)
+    timings.compile_s = engine.compile_s
+    compiles = _CompileCounter()
+    candidate_ids, task_ids = [r.id for r in inputs.pool], [r.id for r in inputs.tasks]
+    zero_logp, zero_correct, zero_stats = zero_shot(engine, prefixes, store, task_ids)
+    timings.zero_shot_s = zero_stats.wall_s
+    shared = dict(chunk_candidates=config.scoring.chunk_candidates, progress=config.progress, log=log)
+    if spec.mode == "adaptive":
+        from nuggets_jax.scoring.adaptive import rounds as adaptive
+        from nuggets_jax.scoring.adaptive.rule import Rule
+
+        rule = Rule.from_selection(spec.selection, len(candidate_ids))
+        one = adaptive.run_adaptive(
+            engine, prefixes, store, candidate_ids, task_ids, zero_logp, zero_correct, tasks.n_tokens,
+            spec.metric, rule, spec.adaptive, **shared,
+        )  # fmt: skip
+    else:
+        rule, one = None, score_exact(spec, engine, prefixes, store, candidate_ids, task_ids, partial, shared)
+    timings.one_shot_s = one.stats.wall_s
+
+    records = [{**r.raw, "id": r.raw.get("id", r.position)} for r in inputs.pool]
+    selected, adaptive_summary = None, {}
+    with timings.timed("write_s"):
+        if sharding.is_main():
+            scores = {
+                "zero_logp": zero_logp.astype(np.float32),
+                "zero_correct": zero_correct.astype(np.int32),
+                "n_tokens": tasks.n_tokens.astype(np.int32),
+                "one_logp": one.one_logp,
+                "one_correct": one.one_correct,
+                "candidate_ids": np.asarray(candidate_ids),
+                "task_ids": np.asarray(task_ids),
+            }
+            selected, adaptive_summary = write_outputs(workdir, spec, scores, records, one, rule)
+
+    passes = [zero_stats, one.stats]
+    busy = max(sum(p.wall_s for p in passes), 1e-9)
+    run = run_info.RunInfo(
+        devices=run_info.devices(),
+        model=run_info.model_info(config.model, loaded.model_dir, engine.state),
+        counts=run_info.Counts.of(len(candidate_ids), len(task_ids), selected),
+        timings=timings,
+        zero_shot=zero_stats.as_dict(),
+        one_shot=one.stats.as_dict(),
+        tokens_per_s=sum(p.task_tokens for p in passes) / busy,
+        pairs_per_s=sum(p.pairs for p in passes) / busy,
+        flops_per_s=sum(p.flops for p in passes) / busy,
+        wall_s=time.perf_counter() - t_start,
+        programs_compiled=engine.programs,
+        compiles_after_warmup=compiles.count,
+        buckets=run_info.engine_shapes(engine),
+        cuts=run_info.Cuts.of(prefixes, tasks, spec.policy),
+        resumed_candidates=one.resumed_candidates,
+        selection=spec.selection.as_dict(),
+        mode=spec.mode,
+        **{key: adaptive_summary.get(key) for key in run_info.ADAPTIVE_ONLY},
+        jax=jax.__version__,
+    ).as_dict()
+    compiles.close()
+    if sharding.is_main():
+        store_lib.atomic_write_bytes(workdir / "run.json", json.dumps(run, indent=2).encode())
+        if config.report:
+            from nuggets_jax.scoring import report
+
+            report.write_report(workdir, records=records, metric=spec.metric)
+    return run
+
+
+def tokenize(tokenizer, inputs: Inputs, spec: ScoreSpec, log: Callable[[str], None]):
+    """The task set and the pool as token ids under the spec's template and token policy."""
+    policy = spec.policy
+    tasks = data_lib.tokenize_tasks(tokenizer, inputs.tasks, spec.template, policy, inputs.tasks_source)
+    prefixes = data_lib.tokenize_prefixes(tokenizer, inputs.pool, spec.template, policy)
     log(
         f"data: {len(inputs.pool)} candidates ({int(prefixes.cut.sum())} cut at {policy.max_prefix_tokens} "
         f"tokens), {len(inputs.tasks)} tasks ({int(tasks.cut.sum())} cut at {policy.max_task_tokens}), "
         f"{int(tasks.n_tokens.sum())} response tokens scored per candidate"
     )
+    return tasks, prefixes
 
-    engine_config = scoring.EngineConfig(
-        **{f.name: config.scoring[f.name] for f in dataclasses.fields(scoring.EngineConfig)}
-    )
+
+def build_engine(spec: ScoreSpec, model, tasks, prefixes, store: store_lib.ScoreStore, log):
+    """The engine, and whether the store holds an adaptive run's partially scored candidates.
+
+    The adaptive round layouts are compiled for an adaptive run, and for completing one (its
+    partial candidates) into an exact run.
+    """
+    from nuggets_jax.scoring import engine as scoring
     from nuggets_jax.scoring.adaptive import rounds as adaptive
-    from nuggets_jax.scoring.adaptive import rule as adaptive_rule
-    from nuggets_jax.scoring.adaptive.config import AdaptiveConfig, round_columns
+    from nuggets_jax.scoring.adaptive.config import round_columns
 
-    adaptive_config = AdaptiveConfig.from_mapping(config.adaptive)
-    # Round layouts: for an adaptive run, and for completing one (its partial candidates) into an exact run.
     partial = bool(store.names(adaptive.CHUNK_PREFIX))
-    column_sets = round_columns(len(tasks.ids), adaptive_config) if adaptive_mode or partial else ()
-    engine = scoring.Engine(
-        loaded.model, tasks, scoring.prefix_lengths_of(prefixes), engine_config, log=log, column_sets=column_sets
-    )
-    timings["compile_s"] = engine.compile_s
-    candidate_ids = [r.id for r in inputs.pool]
-    task_ids = [r.id for r in inputs.tasks]
-    compiles = _CompileCounter()
+    column_sets = round_columns(len(tasks.ids), spec.adaptive) if spec.mode == "adaptive" or partial else ()
+    lengths = scoring.prefix_lengths_of(prefixes)
+    return scoring.Engine(model, tasks, lengths, spec.engine, log=log, column_sets=column_sets), partial
+
+
+def zero_shot(engine, prefixes, store: store_lib.ScoreStore, task_ids):
+    """zero_logp [T], zero_correct [T] (read back when stored) and what this call computed."""
+    from nuggets_jax.scoring import engine as scoring
+    from nuggets_jax.scoring.blocks import check_finite
 
     if store.has("zero"):
         zero = store.read("zero")
-        zero_logp, zero_correct, zero_stats = zero["zero_logp"], zero["zero_correct"], scoring.PassStats()
-    else:
-        zero_logp, zero_correct, zero_stats = engine.zero_shot(prefixes.zero_shot)
-        one_shot.check_finite(zero_logp[None], ["<zero-shot>"], task_ids)
-        store.write("zero", zero_logp=zero_logp, zero_correct=zero_correct)
-    timings["zero_shot_s"] = zero_stats.wall_s
-    shared = dict(chunk_candidates=config.scoring.chunk_candidates, progress=config.progress, log=log)
-    if adaptive_mode:
-        rule = adaptive_rule.target_rule(len(candidate_ids), **selection_rule(config))
-        one = adaptive.run_adaptive(
-            engine,
-            prefixes,
-            store,
-            candidate_ids,
-            task_ids,
-            zero_logp,
-            zero_correct,
-            tasks.n_tokens,
-            config.metric,
-            rule,
-            adaptive_config,
-            **shared,
-        )
-    else:
-        completed = scoring.PassStats()
-        if partial:
-            completed = adaptive.complete(engine, prefixes, store, candidate_ids, task_ids, adaptive_config, **shared)
-        one = one_shot.run_one_shot(engine, prefixes, store, candidate_ids, task_ids, **shared)
-        for field in ("wall_s", "calls", "pairs", "task_tokens", "scored_tokens", "flops"):
-            setattr(one.stats, field, getattr(one.stats, field) + getattr(completed, field))
-    timings["one_shot_s"] = one.stats.wall_s
+        return zero["zero_logp"], zero["zero_correct"], scoring.PassStats()
+    zero_logp, zero_correct, stats = engine.zero_shot(prefixes.zero_shot)
+    check_finite(zero_logp[None], ["<zero-shot>"], task_ids)
+    store.write("zero", zero_logp=zero_logp, zero_correct=zero_correct)
+    return zero_logp, zero_correct, stats
 
-    t0 = time.perf_counter()
-    scores = {
-        "zero_logp": zero_logp.astype(np.float32),
-        "zero_correct": zero_correct.astype(np.int32),
-        "n_tokens": tasks.n_tokens.astype(np.int32),
-        "one_logp": one.one_logp,
-        "one_correct": one.one_correct,
-        "candidate_ids": np.asarray(candidate_ids),
-        "task_ids": np.asarray(task_ids),
-    }
-    run: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    if _is_main():
-        store_lib.write_npz(workdir / "scores.npz", scores)
-        records = [{**r.raw, "id": r.raw.get("id", r.position)} for r in inputs.pool]
-        if adaptive_mode:
-            # Golden set, ranking and intervals from the decisions (scores.npz has NaN for pairs never scored).
-            extra = adaptive.write_outputs(workdir, records, one.decisions, config.metric, adaptive_config, rule)
-            selected = one.decisions.selected
-        else:
-            values = metrics_lib.compute_all(scores)
-            select_lib.write_ranking(workdir / "ranking.jsonl", records, values, config.metric)
-            selected = select_lib.select(values[config.metric], **selection_rule(config))
-            select_lib.write_golden(workdir / "golden.json", records, selected, values, config.metric)
-    timings["write_s"] = time.perf_counter() - t0
-    total_s = time.perf_counter() - t_start
-    passes = [zero_stats, one.stats]
-    busy = sum(p.wall_s for p in passes)
-    run = {
-        "devices": {
-            "count": jax.device_count(),
-            "platform": jax.default_backend(),
-            "kind": jax.devices()[0].device_kind,
-            "processes": jax.process_count(),
-            "host": platform.node(),
-        },
-        "model": {
-            "path": str(config.model.path),
-            "dir": str(loaded.model_dir),
-            "dtype": config.model.dtype,
-            "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(engine.state))),
-        },
-        "counts": {
-            "candidates": len(candidate_ids),
-            "tasks": len(task_ids),
-            "pairs": len(candidate_ids) * len(task_ids),
-            "selected": int(len(selected)) if _is_main() else None,
-        },
-        "timings": timings,
-        "zero_shot": zero_stats.as_dict(),
-        "one_shot": one.stats.as_dict(),
-        # Throughput of what this invocation computed (a resumed run counts only its own work).
-        "tokens_per_s": sum(p.task_tokens for p in passes) / max(busy, 1e-9),
-        "pairs_per_s": sum(p.pairs for p in passes) / max(busy, 1e-9),
-        "flops_per_s": sum(p.flops for p in passes) / max(busy, 1e-9),
-        "wall_s": total_s,
-        "programs_compiled": engine.programs,
-        "compiles_after_warmup": compiles.count,
-        "buckets": {
-            "prefix": engine.buckets,
-            "row_length": engine.row_length,
-            "rows_per_group": engine.rows_per_group,
-            "groups": len(engine.layout.groups),
-            "fill": engine.layout.fill,
-            "candidates_per_call": engine.slots,
-        },
-        "cuts": {
-            "candidates_cut": int(prefixes.cut.sum()),
-            "tasks_cut": int(tasks.cut.sum()),
-            "max_prefix_tokens": policy.max_prefix_tokens,
-            "max_task_tokens": policy.max_task_tokens,
-        },
-        "resumed_candidates": one.resumed_candidates,
-        "selection": selection_rule(config),
-        "mode": config.scoring.mode,
-        **extra,  # adaptive: pairs_scored, pairs_exact, compute_fraction, adaptive
-        "jax": jax.__version__,
-    }
-    compiles.close()
-    if _is_main():
-        store_lib.atomic_write_bytes(workdir / "run.json", json.dumps(run, indent=2).encode())
-        if config.report:
-            from nuggets_jax.scoring import report as report
 
-            report.write_report(workdir, records=records, metric=config.metric)
-    return run
+def score_exact(spec: ScoreSpec, engine, prefixes, store, candidate_ids, task_ids, partial: bool, shared):
+    """Every candidate on every task; an adaptive run's partial candidates first get their missing rounds."""
+    from nuggets_jax.scoring import engine as scoring
+    from nuggets_jax.scoring import one_shot
+    from nuggets_jax.scoring.adaptive import rounds as adaptive
+
+    completed = scoring.PassStats()
+    if partial:
+        completed = adaptive.complete(engine, prefixes, store, candidate_ids, task_ids, spec.adaptive, **shared)
+    one = one_shot.run_one_shot(engine, prefixes, store, candidate_ids, task_ids, **shared)
+    for field in ("wall_s", "calls", "pairs", "task_tokens", "scored_tokens", "flops"):
+        setattr(one.stats, field, getattr(one.stats, field) + getattr(completed, field))
+    return one
+
+
+def write_outputs(workdir: pathlib.Path, spec: ScoreSpec, scores, records, one, rule) -> tuple[np.ndarray, dict]:
+    """scores.npz, ranking.jsonl and golden.json (adaptive: and adaptive.jsonl); returns the golden
+    set and, in adaptive mode, run.json's additions (`rounds.summary`)."""
+    store_lib.write_npz(workdir / "scores.npz", scores)
+    if spec.mode == "adaptive":
+        from nuggets_jax.scoring.adaptive import rounds as adaptive
+
+        # Golden set, ranking and intervals from the decisions (scores.npz has NaN for pairs never scored).
+        summary = adaptive.write_outputs(workdir, records, one.decisions, spec.metric, spec.adaptive, rule)
+        return one.decisions.selected, summary
+    values = metrics_lib.compute_all(scores)
+    select_lib.write_ranking(workdir / "ranking.jsonl", records, values, spec.metric)
+    selected = spec.selection.select(values[spec.metric])
+    select_lib.write_golden(workdir / "golden.json", records, selected, values, spec.metric)
+    return selected, {}
 
 
 class _CompileCounter:

@@ -23,15 +23,15 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class RowGroup:
-    """One device call's task rows. R rows, L tokens a row, M scored positions, S task slots."""
+    """One device call's task rows. R rows, L tokens a row, M scored positions, S tasks."""
 
     tokens: np.ndarray  # [R, L] int32
     task_positions: np.ndarray  # [R, L] int32: position inside its task
-    segment_ids: np.ndarray  # [R, L] int32: task slot inside the row, -1 = padding
+    segment_ids: np.ndarray  # [R, L] int32: index of its task inside the row, -1 = padding
     score_index: np.ndarray  # [M] int32: flat index (r * L + l) of a position predicting a response token
     score_target: np.ndarray  # [M] int32: the response token it predicts
-    score_slot: np.ndarray  # [M] int32: task slot in [0, S) it counts for, S = padding
-    tasks: np.ndarray  # [S] int32: task column of each slot, -1 = empty slot
+    score_task: np.ndarray  # [M] int32: the group's task in [0, S) it counts for, S = padding
+    tasks: np.ndarray  # [S] int32: task column of each of the group's tasks, -1 = unused
     # Task windows (`add_task_windows`), one array per window width W: [n_W, W] flat indices (r * L + l)
     # of each window's tokens, a task's first token first; unused windows and tails are don't-care.
     window_index: tuple[np.ndarray, ...] = ()
@@ -57,13 +57,13 @@ class TaskLayout:
     scored_tokens: int  # response tokens scored
 
     @property
-    def slot_tokens(self) -> int:
-        """Token slots computed per candidate (padding included)."""
+    def padded_tokens(self) -> int:
+        """Task tokens computed per candidate, padding included."""
         return len(self.groups) * self.groups[0].tokens.size
 
     @property
     def fill(self) -> float:
-        return self.real_tokens / self.slot_tokens
+        return self.real_tokens / self.padded_tokens
 
 
 def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
@@ -129,7 +129,7 @@ def plan_rows(lengths: Sequence[int], tokens_per_row: int, multiple: int = 16, r
     `multiple`. The row length costs nothing in attention, which runs in task windows.
 
     With `rows_multiple` m, a row count of at least m is rounded up to a multiple of m (shorter
-    rows), so one candidate's rows can be dealt evenly over m devices (`one_shot.plan_blocks`).
+    rows), so one candidate's rows can be dealt evenly over m devices (`blocks.plan_blocks`).
     """
     longest, total = max(lengths), sum(lengths)
     cap = max(tokens_per_row, math.ceil(longest / multiple) * multiple)
@@ -166,7 +166,7 @@ def build_layout(
     rows = pack_rows(lengths, row_length) if rows is None else rows
     n_groups = max(1, math.ceil(len(rows) / rows_per_group))
     grouped = [rows[g * rows_per_group : (g + 1) * rows_per_group] for g in range(n_groups)]
-    max_slots = max(sum(len(row) for row in group) for group in grouped)
+    max_tasks = max(sum(len(row) for row in group) for group in grouped)
     max_scored = max(
         sum(lengths[i] - int(response_start[columns[i]]) for row in group for i in row) for group in grouped
     )
@@ -178,9 +178,9 @@ def build_layout(
         segments = np.full((rows_per_group, row_length), -1, np.int32)
         index = np.zeros(m, np.int32)
         target = np.zeros(m, np.int32)
-        slot_of = np.full(m, max_slots, np.int32)
-        tasks = np.full(max_slots, -1, np.int32)
-        slot = scored = 0
+        task_of = np.full(m, max_tasks, np.int32)
+        tasks = np.full(max_tasks, -1, np.int32)
+        task = scored = 0
         for r, row in enumerate(group):
             offset = 0
             for seg, i in enumerate(row):
@@ -193,12 +193,12 @@ def build_layout(
                 # Position p predicts token p + 1: the response [start, n) is predicted by [start - 1, n - 1).
                 index[scored : scored + k] = r * row_length + offset + np.arange(start - 1, n - 1)
                 target[scored : scored + k] = ids[start:]
-                slot_of[scored : scored + k] = slot
-                tasks[slot] = columns[i]
+                task_of[scored : scored + k] = task
+                tasks[task] = columns[i]
                 scored += k
-                slot += 1
+                task += 1
                 offset += n
-        groups.append(RowGroup(tokens, positions, segments, index, target, slot_of, tasks))
+        groups.append(RowGroup(tokens, positions, segments, index, target, task_of, tasks))
     real = sum(lengths)
     scored_total = sum(lengths[i] - int(response_start[c]) for i, c in enumerate(columns))
     return TaskLayout(groups, row_length, real, scored_total)
@@ -249,16 +249,16 @@ def bucket_of(length: int, widths: Sequence[int]) -> int:
     raise ValueError(f"prefix of {length} tokens exceeds the widest bucket {widths[-1]}")
 
 
-def pad_layout(layout: TaskLayout, rows: int, scored: int, slots: int) -> TaskLayout:
-    """The same layout with every group padded to `rows` rows, `scored` positions and `slots` task slots,
+def pad_layout(layout: TaskLayout, rows: int, scored: int, tasks: int) -> TaskLayout:
+    """The same layout with every group padded to `rows` rows, `scored` positions and `tasks` tasks,
     so layouts of different task subsets share one compiled program."""
     groups = []
     for g in layout.groups:
         r, length, m, s = g.shape
-        if (r, m, s) > (rows, scored, slots) or m > scored or s > slots or r > rows:
-            raise ValueError(f"cannot pad a group of shape {g.shape} down to ({rows}, {length}, {scored}, {slots})")
+        if (r, m, s) > (rows, scored, tasks) or m > scored or s > tasks or r > rows:
+            raise ValueError(f"cannot pad a group of shape {g.shape} down to ({rows}, {length}, {scored}, {tasks})")
         pad_rows = ((0, rows - r), (0, 0))
-        slot = np.where(g.score_slot == s, slots, g.score_slot).astype(np.int32)
+        score_task = np.where(g.score_task == s, tasks, g.score_task).astype(np.int32)
         groups.append(
             RowGroup(
                 np.pad(g.tokens, pad_rows),
@@ -266,8 +266,8 @@ def pad_layout(layout: TaskLayout, rows: int, scored: int, slots: int) -> TaskLa
                 np.pad(g.segment_ids, pad_rows, constant_values=-1),
                 np.pad(g.score_index, (0, scored - m)),
                 np.pad(g.score_target, (0, scored - m)),
-                np.pad(slot, (0, scored - m), constant_values=slots),
-                np.pad(g.tasks, (0, slots - s), constant_values=-1),
+                np.pad(score_task, (0, scored - m), constant_values=tasks),
+                np.pad(g.tasks, (0, tasks - s), constant_values=-1),
             )
         )
     return dataclasses.replace(layout, groups=groups)

@@ -1,6 +1,6 @@
 """Human-readable report of a scoring run: `report.md` plus PNG plots under `plots/`.
 
-Reads only the workdir (DESIGN.md, "Workdir of a scoring run"): ranking.jsonl for the metrics,
+Reads only the workdir (docs/ARCHITECTURE.md, "The workdir of a scoring run"): ranking.jsonl for the metrics,
 scores.npz for the per-task view, golden.json, config.json and run.json. Every file but
 ranking.jsonl, and every key, is optional: what is missing prints as "n/a". Pure NumPy +
 matplotlib: the figures (`plots`) are drawn on `Figure` objects with the Agg canvas, never through
@@ -22,9 +22,9 @@ import numpy as np
 
 from nuggets_jax import plots as plots_lib
 from nuggets_jax.errors import UserError
-from nuggets_jax.metrics import METRIC_FORMULAS, METRICS, auroc
+from nuggets_jax.metrics import METRIC_FORMULAS, METRICS, auroc, spearman
 from nuggets_jax.plots import CLEAN
-from nuggets_jax.select import rank_order
+from nuggets_jax.select import SelectionError, SelectionRule, rank_order, read_ranking
 
 NA = "n/a"
 _TEXT_CHARS = 120
@@ -101,56 +101,28 @@ def _read_json(path: pathlib.Path) -> Any:
         raise ReportError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); fix or delete it") from error
 
 
-def _read_ranking(path: pathlib.Path) -> list[dict[str, Any]]:
-    lines = []
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ReportError(f"{path}:{number}: not valid JSON ({error.msg}); rerun the scoring") from error
-        if not isinstance(line, dict):
-            raise ReportError(f"{path}:{number}: expected a JSON object, got {type(line).__name__}")
-        lines.append(line)
-    # Written in rank order; sorting (stable) only guards against a hand-edited file.
-    return sorted(lines, key=lambda line: r if isinstance(r := line.get("rank"), int) else math.inf)
-
-
-def _golden_rule(config: Any) -> str:
-    for key in ("top_n", "top_fraction", "threshold"):
-        if (value := _get(config, f"select.{key}")) is not None:
-            return f"{key} = {value}"
-    return "rule n/a"
+def _golden_rule(run: Any, config: Any) -> str:
+    """The rule that picked the golden set, e.g. "top_fraction = 0.1": run.json's "selection" (what
+    the run used, the default included), else config.json's select section, else "rule n/a"."""
+    selection, select = _get(run, "selection"), _get(config, "select")
+    try:
+        if isinstance(selection, Mapping):
+            rule = SelectionRule(**selection)
+        elif isinstance(select, Mapping):
+            rule = SelectionRule.from_config(select)
+        else:
+            return "rule n/a"
+    except (SelectionError, TypeError):  # a hand-edited file
+        return "rule n/a"
+    return rule.describe() + (", decided adaptively" if _get(run, "mode") == "adaptive" else "")
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing their mean rank."""
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    ends = np.r_[starts[1:], values.size]
-    result = np.empty(values.size)
-    result[order] = np.repeat((starts + 1 + ends) / 2.0, ends - starts)
-    return result
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation over the pairs where both values are finite; NaN if undefined."""
-    keep = np.isfinite(a) & np.isfinite(b)
-    if keep.sum() < 2:
-        return float("nan")
-    rank_a, rank_b = _average_ranks(a[keep]), _average_ranks(b[keep])
-    rank_a, rank_b = rank_a - rank_a.mean(), rank_b - rank_b.mean()
-    denominator = math.sqrt(float((rank_a**2).sum() * (rank_b**2).sum()))
-    return float((rank_a * rank_b).sum() / denominator) if denominator > 0 else float("nan")
-
-
 def _summary(config: Any, run: Any, metric: str, num: tuple[int, int | None], golden: Any) -> str:
+    rule = _golden_rule(run, config)
     count = _get(run, "devices.count")
     kind = _get(run, "devices.kind") or _get(run, "devices.platform")
     devices = (
@@ -166,7 +138,7 @@ def _summary(config: Any, run: Any, metric: str, num: tuple[int, int | None], go
         f"**{_get(run, 'counts.candidates') or num[0]} candidates x {tasks or NA} tasks** "
         f"(pool {_code(_get(config, 'data.pool'))}, tasks {_code(_get(config, 'data.tasks'))}, "
         f"preset {_code(_get(config, 'preset'))}). Candidates are ranked by **{metric}**; the golden set "
-        f"holds **{len(golden) if isinstance(golden, list) else NA}** records ({_golden_rule(config)}). "
+        f"holds **{len(golden) if isinstance(golden, list) else NA}** records ({rule}). "
         f"Wall time {_fmt(_number(_get(run, 'wall_s')), '.1f')} s on {devices}: "
         f"{_fmt(_number(_get(run, 'pairs_per_s')), '.2f')} candidate-task pairs/s, "
         f"{_fmt(_number(_get(run, 'tokens_per_s')), '.1f')} tokens/s, "
@@ -365,7 +337,7 @@ def write_report(
     workdir = pathlib.Path(workdir)
     if not (workdir / "ranking.jsonl").is_file():
         raise ReportError(f"{workdir}: ranking.jsonl not found; run the scoring into this workdir first")
-    lines = _read_ranking(workdir / "ranking.jsonl")
+    lines = read_ranking(workdir / "ranking.jsonl")
     config, run = _read_json(workdir / "config.json"), _read_json(workdir / "run.json")
     golden = _read_json(workdir / "golden.json")
     scores = _read_scores(workdir / "scores.npz")  # arrays, or the reason there are none

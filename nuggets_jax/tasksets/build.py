@@ -1,13 +1,13 @@
 """Predefined task sets: K-means over model embeddings of a pool sample, or a random sample.
 
-The paper's recipe (DESIGN.md, "The job"): sample M examples of a pool with a seed, embed each
+The paper's recipe (docs/ARCHITECTURE.md): sample M examples of a pool with a seed, embed each
 with the scoring model (mean of the final hidden layer over its real tokens), cluster them with
 K-means into K clusters and keep the example nearest each centroid. The random baseline keeps K
 examples of the same sample. A task set is written in the input format (a .json list), each
 record carrying its own fields plus `"taskset": {"pool_id", "cluster", "distance"}`, next to a
 sidecar `<name>.provenance.json` that says exactly how it was built; a sidecar equal to the one a
 request would write means the file can be reused as is. The examples come from a
-`taskset_source.Source` (a file or the generated tasks, minus exclusions and filters).
+`source.Source` (a file or the generated tasks, minus exclusions and filters).
 
 Determinism: the sample depends only on (eligible pool, M, seed); K-means is seeded; the pick of
 a cluster is its member nearest the centroid, ties going to the earlier example. Random picks are
@@ -332,10 +332,11 @@ def read_taskset(path: str | pathlib.Path) -> TaskSet:
     side = provenance_path(path)
     if not side.is_file():
         raise TaskSetError(f"{path}: no provenance file {side.name} next to it; rebuild the task set.")
-    records = json.loads(path.read_text(encoding="utf-8"))
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or TASKSET_FIELD not in r:
-            raise TaskSetError(f'{path}[{i}]: record has no "{TASKSET_FIELD}" field; rebuild the task set.')
+    records = []
+    for where, record in data_lib.read_objects(path, "the task-set file", error=TaskSetError):
+        if not isinstance(record, dict) or TASKSET_FIELD not in record:
+            raise TaskSetError(f'{where}: record has no "{TASKSET_FIELD}" field; rebuild the task set.')
+        records.append(record)
     return TaskSet(records, json.loads(side.read_text(encoding="utf-8")))
 
 

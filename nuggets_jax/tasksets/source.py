@@ -39,31 +39,30 @@ def file_sha256(path: pathlib.Path) -> str:
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-def read_valid_records(path: str | pathlib.Path, role: str = "pool") -> tuple[list[data_lib.Record], list[str]]:
+def read_valid_records(
+    path: str | pathlib.Path, role: str = "pool", field: str | None = None
+) -> tuple[list[data_lib.Record], list[str]]:
     """Reads a .json/.jsonl file like `data.read_records`, but skips records that are not valid.
 
     Public datasets hold the odd record with an empty output; such a record can be neither a task
     nor a candidate, so sampling skips it instead of refusing the file. A skipped record keeps its
     place: ids of records without an "id" field are still their position in the file.
 
+    Args:
+      path: the file.
+      role: what the records are ("pool", "taskset.source"), said in messages.
+      field: the config field that names the file (default `data.<role>`).
+
     Returns:
       (valid records, one message per skipped record).
 
     Raises:
-      DataError: the file itself cannot be read (missing, not UTF-8, not JSON), or duplicate ids.
+      DataError: the file itself cannot be read (missing, not UTF-8, not JSON), no record is valid,
+        or duplicate ids.
     """
     path = pathlib.Path(path)
-    try:
-        return data_lib.read_records(path, role), []
-    except data_lib.DataError:
-        pass
-    text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-    if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
-        objects = [(f"{path}:{n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        objects = [(where, json.loads(line)) for where, line in objects]
-    else:
-        objects = [(f"{path}[{i}]", o) for i, o in enumerate(json.loads(text))]
-    valid, skipped = [], []
+    objects = data_lib.read_objects(path, field or f"data.{role}")
+    valid, wheres, skipped = [], [], []
     for position, (where, obj) in enumerate(objects):
         try:
             (record,) = data_lib.records_from_objects([(where, obj)], str(path), role)
@@ -72,13 +71,16 @@ def read_valid_records(path: str | pathlib.Path, role: str = "pool") -> tuple[li
             continue
         record_id = record.id if isinstance(obj, dict) and "id" in obj else str(position)
         valid.append(dataclasses.replace(record, id=record_id, position=position))
+        wheres.append(where)
     if not valid:
-        raise data_lib.DataError(f"{path}: no valid record ({skipped[0]}).")
-    seen: set[str] = set()
-    for record in valid:
+        raise data_lib.DataError(f"{path}: no valid record ({skipped[0] if skipped else f'the {role} is empty'}).")
+    seen: dict[str, str] = {}
+    for where, record in zip(wheres, valid, strict=True):
         if record.id in seen:
-            raise data_lib.DataError(f"{path}: duplicate id {record.id!r}; ids must be unique within a file.")
-        seen.add(record.id)
+            raise data_lib.DataError(
+                f"{where}: duplicate id {record.id!r} (first at {seen[record.id]}); ids must be unique within a file."
+            )
+        seen[record.id] = where
     return valid, skipped
 
 
@@ -163,7 +165,7 @@ def load_source(
         digest = hashlib.sha256(json.dumps(objects, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     else:
         file = pathlib.Path(spec).expanduser()
-        records, skipped = read_valid_records(file, "taskset.source")
+        records, skipped = read_valid_records(file, "taskset.source", "taskset.source")
         path, digest = str(file), file_sha256(file)
         if skipped:
             log(f"{path}: skipped {len(skipped)} record(s) that cannot be tasks, e.g. {skipped[0]}")

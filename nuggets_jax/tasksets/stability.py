@@ -9,13 +9,15 @@ last, so an overlap of 1 means both task sets would select the same golden set.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from nuggets_jax.metrics import spearman
+from nuggets_jax.select import SelectionRule, rank_order
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1)
 
@@ -38,30 +40,19 @@ def _correlation(function, a, b) -> float:
         return float(function(a, b).statistic)
 
 
-def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Spearman's rho (ties get average ranks) over pairs where both are finite; NaN if undefined."""
-    return _correlation(stats.spearmanr, a, b)
-
-
 def kendall(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """Kendall's tau-b (corrected for ties) over pairs where both are finite; NaN if undefined."""
     return _correlation(stats.kendalltau, a, b)
 
 
 def top_count(num_candidates: int, fraction: float) -> int:
-    """Candidates in the top `fraction`: ceil(fraction x C), at least 1 (and at most C)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"a top fraction must be in (0, 1], got {fraction}")
-    # Round first so 0.1 x 30 (3.0000000000000004 in floats) stays 3.
-    return min(num_candidates, max(1, math.ceil(round(fraction * num_candidates, 9))))
+    """Candidates in the top `fraction`: the scoring job's rule (`select.SelectionRule`), at least 1."""
+    return max(1, SelectionRule(top_fraction=fraction).count(num_candidates))
 
 
 def top_set(values: Sequence[float] | np.ndarray, fraction: float) -> np.ndarray:
     """Indices of the top `fraction` of candidates, best first: higher first, ties by position, NaN last."""
-    v = np.asarray(values, np.float64)
-    is_nan = np.isnan(v)
-    order = np.lexsort((np.arange(v.size), np.where(is_nan, 0.0, -v), is_nan))
-    return order[: top_count(v.size, fraction)]
+    return rank_order(values)[: top_count(len(values), fraction)]
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:

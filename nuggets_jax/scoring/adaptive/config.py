@@ -1,8 +1,8 @@
 """Settings of the adaptive mode: its config, its error type and the rounds they determine.
 
 The rounds are one seeded random permutation of the task columns, shared by every candidate and cut
-every `tasks_per_round` tasks; the decision rule (`adaptive_rule`) and the scoring loop
-(`adaptive`) both follow it.
+every `tasks_per_round` tasks; the decision rule (`rule`) and the scoring loop
+(`rounds`) both follow it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from nuggets_jax import metrics as metrics_lib
 from nuggets_jax.errors import UserError
 
-METRICS = ("win_rate", "mean_logp_gain", "token_acc_gain")
+METRICS = metrics_lib.ADAPTIVE_METRICS  # the metrics the rounds can decide on
 
 
 class AdaptiveError(UserError):

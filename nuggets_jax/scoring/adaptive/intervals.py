@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 
+from nuggets_jax import metrics as metrics_lib
 from nuggets_jax.scoring.adaptive.config import METRICS, AdaptiveError
 
 
@@ -40,23 +41,20 @@ def per_task_values(
     zero_correct: np.ndarray,
     n_tokens: np.ndarray,
 ) -> np.ndarray:
-    """[C, T] float64 per-task values whose mean over tasks is the metric (as metrics.compute_metric).
+    """[C, T] float64 per-task values whose mean over tasks is the metric (`metrics.per_task`).
 
     Unscored pairs (NaN in one_logp) are NaN.
     """
-    one = np.asarray(one_logp, np.float64)
-    zero = np.asarray(zero_logp, np.float64)
-    n = np.asarray(n_tokens, np.float64)
-    if metric == "win_rate":
-        values = (one > zero).astype(np.float64)
-    elif metric == "mean_logp_gain":
-        values = (one - zero) / n
-    elif metric == "token_acc_gain":
-        values = (np.asarray(one_correct, np.float64) - np.asarray(zero_correct, np.float64)) / n
-    else:
+    if metric not in METRICS:
         raise AdaptiveError(f"adaptive scoring supports metric {' | '.join(METRICS)}, got {metric!r}.")
-    values[np.isnan(one)] = np.nan
-    return values
+    return metrics_lib.per_task(
+        metric,
+        np.asarray(zero_logp, np.float64),
+        np.asarray(zero_correct, np.float64),
+        np.asarray(n_tokens, np.float64),
+        np.asarray(one_logp, np.float64),
+        np.asarray(one_correct, np.float64),
+    )
 
 
 def known_range(metric: str, zero_logp: np.ndarray, zero_correct: np.ndarray, n_tokens: np.ndarray) -> tuple:

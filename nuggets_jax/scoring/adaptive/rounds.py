@@ -13,10 +13,11 @@ whom it can:
 The run stops when the golden set is decided, or when the undecided candidates have every task,
 whose exact values then settle the rest as exact ranking would (value, then position).
 
-The statistics live in `adaptive_intervals` (per-task values; the exact "betting" interval and the
-approximate "normal" one), the decision rule in `adaptive_rule` (pure numpy: `decide`, `simulate`,
-the `union`, `panel` and `compare` settings) and the settings in `adaptive_config`; this module
-scores the rounds through the engine and writes the outputs.
+The statistics live in `adaptive.intervals` (per-task values; the exact "betting" interval and the
+approximate "normal" one), the decision rule in `adaptive.rule` (pure numpy: `decide`, `simulate`,
+the `union`, `panel` and `compare` settings) and the settings in `adaptive.config`; this module
+scores the rounds through the block loop (`scoring.blocks`, shared with the exact pass) and writes
+the outputs.
 
 Scores are stored as chunks "adaptive-r{round:03d}-{seq:06d}" (candidates [n], columns [k],
 one_logp [n, k], one_correct [n, k]) through the run's ScoreStore; the decisions are a
@@ -31,20 +32,20 @@ import dataclasses
 import json
 import math
 import pathlib
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from nuggets_jax import select as select_lib
+from nuggets_jax import sharding
 from nuggets_jax import store as store_lib
 from nuggets_jax.data import TokenizedPrefixes
 from nuggets_jax.scoring import engine as scoring
-from nuggets_jax.scoring import one_shot as one_shot
 from nuggets_jax.scoring.adaptive.config import AdaptiveConfig, AdaptiveError, round_columns
 from nuggets_jax.scoring.adaptive.intervals import known_range, per_task_values
 from nuggets_jax.scoring.adaptive.rule import IN, Decisions, Rule, decide
+from nuggets_jax.scoring.blocks import BlockScorer, plan_blocks, progress_bar
 
 CHUNK_PREFIX = "adaptive-r"
 
@@ -60,29 +61,16 @@ class AdaptiveResult:
     decisions: Decisions
 
 
-def load_scores(store: store_lib.ScoreStore, num_candidates: int, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every stored one-shot chunk of every process: one_logp [C, T] (NaN = not scored), one_correct [C, T]."""
-    logp = np.full((num_candidates, num_tasks), np.nan, np.float32)
-    correct = np.zeros((num_candidates, num_tasks), np.int32)
-    for path in sorted(store.root.glob("process_*/*.npz")):
-        if path.stem == "zero":
-            continue
-        chunk = store.read(path.stem, process_index=int(path.parent.name.split("_")[1]))
-        cols = chunk["columns"] if "columns" in chunk else np.arange(num_tasks)
-        logp[np.ix_(chunk["candidates"], cols)] = chunk["one_logp"]
-        correct[np.ix_(chunk["candidates"], cols)] = chunk["one_correct"]
-    return logp, correct
-
-
 def check_store_rounds(store: store_lib.ScoreStore, rounds: Sequence[np.ndarray]) -> None:
     """Refuses stored round chunks cut with other rounds (another adaptive.seed or tasks_per_round)."""
-    for path in sorted(store.root.glob(f"process_*/{CHUNK_PREFIX}*.npz")):
-        r = int(path.stem[len(CHUNK_PREFIX) :].split("-")[0])
-        cols = store.read(path.stem, process_index=int(path.parent.name.split("_")[1]))["columns"]
+    for process_index, name in store.every_process_names(CHUNK_PREFIX):
+        r = int(name[len(CHUNK_PREFIX) :].split("-")[0])
+        cols = store.read(name, process_index)["columns"]
         if r >= len(rounds) or not np.array_equal(np.sort(cols), rounds[r]):
             raise AdaptiveError(
-                f"{path}: round {r} was scored on other task columns than adaptive.seed / adaptive.tasks_per_round "
-                "give now; rerun with the settings of the run that wrote it, or use another --workdir."
+                f"{store.path(name, process_index)}: round {r} was scored on other task columns than "
+                "adaptive.seed / adaptive.tasks_per_round give now; rerun with the settings of the run that "
+                "wrote it, or use another --workdir."
             )
 
 
@@ -100,106 +88,43 @@ def _check_engine(engine: scoring.Engine, rounds: Sequence[np.ndarray]) -> None:
 
 
 def _round_flops(engine: scoring.Engine, prefix_length: int, columns: np.ndarray) -> float:
-    """Model FLOPs of one candidate on one round: its prefix, then the round's tasks (as Engine.pair_flops)."""
-    cfg = engine.model_config
-    body, head = cfg.flops_per_token(lm_head=False), cfg.flops_per_token() - cfg.flops_per_token(False)
-    p = prefix_length
-    flops = p * body + cfg.attention_flops(p, (p + 1) / 2)
-    for col in columns:
-        n, start = len(engine.tasks.ids[col]), int(engine.tasks.response_start[col])
-        flops += n * body + (n - start) * head + cfg.attention_flops(n, p + (n + 1) / 2)
-    return flops
+    """Model FLOPs of one candidate on one round: its prefix, then the round's tasks (`ModelConfig.candidate_flops`)."""
+    lengths = [len(engine.tasks.ids[col]) for col in columns]
+    return engine.model_config.candidate_flops(prefix_length, lengths, engine.tasks.n_tokens[columns])
 
 
-class _RoundScorer:
-    """Scores one round's tasks for some candidates through the engine and stores the chunks."""
+def _stored_rounds(engine, prefixes, store, config: AdaptiveConfig):
+    """The rounds' task columns (checked against the engine and the stored chunks) and every process's
+    stored scores: one_logp [C, T] (NaN = not scored), one_correct [C, T]."""
+    rounds = round_columns(engine.num_tasks, config)
+    _check_engine(engine, rounds)
+    check_store_rounds(store, rounds)
+    return (rounds, *store.load(len(prefixes.ids), engine.num_tasks, every_process=True))
 
-    def __init__(self, engine, prefixes, store, candidate_ids, task_ids, chunk_candidates, bar):
-        self.engine, self.prefixes, self.store = engine, prefixes, store
-        self.candidate_ids, self.task_ids = candidate_ids, task_ids
-        self.blocks_per_chunk = max(1, chunk_candidates // engine.slots)
-        self.bar = bar
-        self.stats = scoring.PassStats()
-        self.widths = np.asarray([engine.bucket_width(len(p)) for p in prefixes.ids])
+
+class _RoundScorer(BlockScorer):
+    """The block loop (`blocks.BlockScorer`) over one round's tasks for some candidates."""
 
     def score(self, r: int, cols: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """one_logp [n, k], one_correct [n, k] of `candidates` on round r's columns `cols`."""
+        """one_logp [n, k], one_correct [n, k] of `candidates` on round r's columns `cols`, on every process."""
         engine, layout = self.engine, self.engine.subset_layouts[r]
-        t0 = time.perf_counter()
         # Same block plan as the exact run: by prefix bucket, then position.
         ordered = candidates[np.lexsort((candidates, self.widths[candidates]))]
-        deal = len(layout.groups) if engine.deal_groups else 0
-        blocks = one_shot.plan_blocks(
-            [int(i) for i in ordered], self.widths, engine.buckets, engine.slots, deal, engine.pair_flops
+        groups = self.deal_groups(layout)
+        blocks = plan_blocks(
+            [int(i) for i in ordered], self.widths, engine.buckets, engine.slots, groups, engine.pair_flops
         )
-        row_of = {int(c): i for i, c in enumerate(candidates)}
+        rows = np.full(len(self.prefixes.ids), -1, np.int64)
+        rows[candidates] = np.arange(len(candidates))
         logp = np.full((len(candidates), len(cols)), np.nan, np.float32)
         correct = np.zeros((len(candidates), len(cols)), np.int32)
-        prefix = f"{CHUNK_PREFIX}{r:03d}-"
-        seq = 1 + max((int(name.split("-")[-1]) for name in self.store.names(prefix)), default=-1)
+        chunk_prefix = f"{CHUNK_PREFIX}{r:03d}-"
 
-        rows = []
-        blocks_out = one_shot.pipelined(engine, blocks, self.prefixes, self.widths, layout)
-        for b, (block, (block_logp, block_correct)) in enumerate(blocks_out):
-            keep = one_shot.first_slots(block)
-            mine, real = block[engine.local], keep[engine.local]
-            block_logp, block_correct = block_logp[real][:, cols], block_correct[real][:, cols]  # [n, k]
-            one_shot.check_finite(
-                block_logp, [self.candidate_ids[i] for i in mine[real]], [self.task_ids[c] for c in cols]
-            )
-            rows.append((mine[real], block_logp, block_correct))
-            for i, c in enumerate(mine[real]):
-                logp[row_of[int(c)]], correct[row_of[int(c)]] = block_logp[i], block_correct[i]
-            done = block[keep]
-            self.stats.calls += 1 + engine.calls_per_block(one_shot.dealt_candidates(block), layout)
-            self.stats.candidates += len(done)
-            self.stats.pairs += len(done) * len(cols)
-            self.stats.task_tokens += len(done) * layout.real_tokens
-            self.stats.scored_tokens += len(done) * layout.scored_tokens
-            self.stats.flops += sum(_round_flops(engine, len(self.prefixes.ids[i]), cols) for i in done)
-            self.bar.update(len(done) * len(cols))
-            if (b + 1) % self.blocks_per_chunk == 0 or b + 1 == len(blocks):
-                self.store.write(
-                    f"{prefix}{seq:06d}",
-                    candidates=np.concatenate([x[0] for x in rows]).astype(np.int64),
-                    columns=np.asarray(cols, np.int64),
-                    one_logp=np.concatenate([x[1] for x in rows]),
-                    one_correct=np.concatenate([x[2] for x in rows]),
-                )
-                seq += 1
-                rows = []
-        self.stats.wall_s += time.perf_counter() - t0
-        return _merge_rows(logp, correct)
+        def flops(prefix_length: int) -> float:
+            return _round_flops(engine, prefix_length, cols)
 
-
-def _merge_rows(logp: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each process scored its own slots (NaN elsewhere); every process needs all rows to decide."""
-    import jax
-
-    if jax.process_count() == 1:
-        return logp, correct
-    from jax.experimental import multihost_utils
-
-    all_logp = np.asarray(multihost_utils.process_allgather(logp))  # [P, n, k]
-    all_correct = np.asarray(multihost_utils.process_allgather(correct))
-    owner = np.argmax(~np.isnan(all_logp).all(axis=2), axis=0)
-    rows = np.arange(logp.shape[0])
-    return all_logp[owner, rows], all_correct[owner, rows]
-
-
-def _progress_bar(total: int, initial: int, progress: bool, desc: str):
-    import jax
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="pair",
-        desc=desc,
-        disable=not progress or jax.process_index() != 0,
-        smoothing=0.05,
-        dynamic_ncols=True,
-    )
+        self.run(blocks, chunk_prefix, logp, correct, rows, flops, layout, cols)
+        return sharding.merge_rows(logp, correct)
 
 
 def run_adaptive(
@@ -236,17 +161,13 @@ def run_adaptive(
     Returns:
       The scores held now (NaN where never scored), this invocation's stats and the decisions.
     """
-    c, t = len(prefixes.ids), engine.num_tasks
-    rounds = round_columns(t, config)
-    _check_engine(engine, rounds)
-    check_store_rounds(store, rounds)
-    logp, correct = load_scores(store, c, t)
+    rounds, logp, correct = _stored_rounds(engine, prefixes, store, config)
     stored = ~np.isnan(logp)
     resumed = int(stored.any(axis=1).sum())
     if resumed:
         log(f"resuming: {int(stored.sum())} stored pairs of {resumed} candidate(s) in {store.root}")
     values = per_task_values(metric, logp, correct, zero_logp, zero_correct, n_tokens)
-    bar = _progress_bar(c * t, int(stored.sum()), progress, "adaptive")
+    bar = progress_bar(logp.size, int(stored.sum()), progress, "adaptive")
     scorer = _RoundScorer(engine, prefixes, store, candidate_ids, task_ids, chunk_candidates, bar)
 
     def fetch(r: int, candidates: np.ndarray) -> None:
@@ -290,17 +211,13 @@ def complete(
     Returns:
       What this call computed.
     """
-    c, t = len(prefixes.ids), engine.num_tasks
-    rounds = round_columns(t, config)
-    _check_engine(engine, rounds)
-    check_store_rounds(store, rounds)
-    logp, _ = load_scores(store, c, t)
+    rounds, logp, _ = _stored_rounds(engine, prefixes, store, config)
     scored = ~np.isnan(logp)
     partial = scored.any(axis=1) & ~scored.all(axis=1)
     todo = [(r, np.flatnonzero(partial & ~scored[:, cols].all(axis=1))) for r, cols in enumerate(rounds)]
     total = sum(len(cands) * len(rounds[r]) for r, cands in todo)
     log(f"completing {int(partial.sum())} partially scored candidate(s): {total} missing pairs")
-    bar = _progress_bar(total, 0, progress, "complete")
+    bar = progress_bar(total, 0, progress, "complete")
     scorer = _RoundScorer(engine, prefixes, store, candidate_ids, task_ids, chunk_candidates, bar)
     for r, candidates in todo:
         if len(candidates):

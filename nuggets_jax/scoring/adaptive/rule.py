@@ -1,8 +1,8 @@
 """The adaptive decision rule: replays the rounds on per-task values and decides whom it can.
 
 Pure numpy, no engine: `decide` asks a `fetch` callback for the scores a round needs (the scoring
-loop in `adaptive`), `simulate` replays a run on fully known values. After each round every
-undecided candidate gets an interval (`adaptive_intervals`) for its final metric, the mean over all
+loop in `rounds`), `simulate` replays a run on fully known values. After each round every
+undecided candidate gets an interval (`intervals`) for its final metric, the mean over all
 T tasks, and the top-N rule decides: in when its lower bound is above the upper bound of all but at
 most N - 1 others, out when its upper bound is below the lower bounds of at least N others; for a
 threshold rule, in when lower >= threshold and out when upper < threshold.
@@ -11,7 +11,7 @@ threshold rule, in when lower >= threshold and out when upper < threshold.
 divide by the number of decision rounds), a union bound, so every in/out decision of the run holds
 together with probability >= confidence. `union=False` gives each interval alpha = 1 - confidence
 (the betting one per candidate over the whole run, the normal one at each round): no joint
-promise, but far fewer pairs; measured against exact scoring in experiments/adaptive_eval.py.
+promise, but far fewer pairs; measured against exact scoring by `replay` (experiments/adaptive_eval.py).
 
 `panel=P` scores P seeded reference candidates in every round and takes every interval for the
 values minus the panel's mean on the same task (a paired comparison): ranking by that is ranking by
@@ -48,21 +48,18 @@ class Rule:
     top_n: int | None = None
     threshold: float | None = None
 
+    @classmethod
+    def from_selection(cls, selection: select_lib.SelectionRule, num_candidates: int) -> Rule:
+        """The selection rule over a pool of `num_candidates` (a top fraction becomes its count)."""
+        count = selection.count(num_candidates)
+        return cls(top_n=count) if count is not None else cls(threshold=float(selection.threshold))
+
 
 def target_rule(
     num_candidates: int, top_n: int | None = None, top_fraction: float | None = None, threshold: float | None = None
 ) -> Rule:
-    """The selection rule of `select.select` as a Rule (top_fraction becomes its count)."""
-    if top_fraction is not None:
-        # Same rounding as select.select (it reads the fraction as the decimal it prints as).
-        return Rule(top_n=len(select_lib.select(np.zeros(num_candidates), top_fraction=top_fraction)))
-    if top_n is not None:
-        if top_n < 1:
-            raise AdaptiveError(f"select.top_n must be at least 1, got {top_n}.")
-        return Rule(top_n=min(int(top_n), num_candidates))
-    if threshold is None:
-        raise AdaptiveError("set one of select.top_n, select.top_fraction or select.threshold.")
-    return Rule(threshold=float(threshold))
+    """`Rule.from_selection` of `select.SelectionRule(top_n, top_fraction, threshold)`."""
+    return Rule.from_selection(select_lib.SelectionRule(top_n, top_fraction, threshold), num_candidates)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,131 @@
+"""run.json of a scoring run: what ran, on what, how fast (docs/ARCHITECTURE.md, "The workdir of a scoring run").
+
+`job.run_score` fills a `RunInfo` from its phases; `report` reads the file back (every key optional).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+import time
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Timings:
+    """Seconds per phase (run.json "timings")."""
+
+    load_s: float = 0.0
+    tokenize_s: float = 0.0
+    compile_s: float = 0.0
+    zero_shot_s: float = 0.0
+    one_shot_s: float = 0.0
+    write_s: float = 0.0
+
+    @contextlib.contextmanager
+    def timed(self, field: str):
+        t0 = time.perf_counter()
+        yield
+        setattr(self, field, time.perf_counter() - t0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    candidates: int
+    tasks: int
+    pairs: int
+    selected: int | None  # None on processes other than 0 (they write no golden set)
+
+    @classmethod
+    def of(cls, num_candidates: int, num_tasks: int, selected: np.ndarray | None) -> Counts:
+        return cls(num_candidates, num_tasks, num_candidates * num_tasks, None if selected is None else len(selected))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cuts:
+    candidates_cut: int
+    tasks_cut: int
+    max_prefix_tokens: int | None
+    max_task_tokens: int | None
+
+    @classmethod
+    def of(cls, prefixes, tasks, policy) -> Cuts:
+        """From the tokenized pool and tasks and the token policy that cut them."""
+        return cls(int(prefixes.cut.sum()), int(tasks.cut.sum()), policy.max_prefix_tokens, policy.max_task_tokens)
+
+
+ADAPTIVE_ONLY = ("pairs_scored", "pairs_exact", "compute_fraction", "adaptive")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """run.json: what ran, on what, how fast. Throughputs count what this invocation computed (a
+    resumed run only its own work); the `ADAPTIVE_ONLY` fields (`rounds.summary`) are written in
+    adaptive mode only."""
+
+    devices: dict[str, Any]  # count, platform, kind, processes, host
+    model: dict[str, Any]  # path, dir, dtype, parameters
+    counts: Counts
+    timings: Timings
+    zero_shot: dict[str, float]  # PassStats.as_dict()
+    one_shot: dict[str, float]
+    tokens_per_s: float
+    pairs_per_s: float
+    flops_per_s: float
+    wall_s: float
+    programs_compiled: int
+    compiles_after_warmup: int
+    buckets: dict[str, Any]  # the engine's shapes: prefix, row_length, rows_per_group, groups, fill, ...
+    cuts: Cuts
+    resumed_candidates: int
+    selection: dict[str, float | int]  # SelectionRule.as_dict()
+    mode: str
+    pairs_scored: int | None
+    pairs_exact: int | None
+    compute_fraction: float | None
+    adaptive: dict[str, Any] | None
+    jax: str
+
+    def as_dict(self) -> dict[str, Any]:
+        info = dataclasses.asdict(self)
+        return {k: v for k, v in info.items() if not (k in ADAPTIVE_ONLY and v is None)}
+
+
+def devices() -> dict[str, Any]:
+    """run.json "devices": count, platform, kind, processes, host."""
+    import jax
+
+    return {
+        "count": jax.device_count(),
+        "platform": jax.default_backend(),
+        "kind": jax.devices()[0].device_kind,
+        "processes": jax.process_count(),
+        "host": platform.node(),
+    }
+
+
+def model_info(model_config, model_dir, state) -> dict[str, Any]:
+    """run.json "model": the config's path and dtype, the resolved folder, the parameter count."""
+    import jax
+
+    return {
+        "path": str(model_config.path),
+        "dir": str(model_dir),
+        "dtype": model_config.dtype,
+        "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state))),
+    }
+
+
+def engine_shapes(engine) -> dict[str, Any]:
+    """run.json "buckets": the shapes the engine compiled for."""
+    return {
+        "prefix": engine.buckets,
+        "row_length": engine.row_length,
+        "rows_per_group": engine.rows_per_group,
+        "groups": len(engine.layout.groups),
+        "fill": engine.layout.fill,
+        "candidates_per_call": engine.slots,
+    }
