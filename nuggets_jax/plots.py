@@ -1,8 +1,10 @@
-"""The figures of the reports, drawn on matplotlib `Figure`s with the Agg canvas and saved as PNG.
+"""The figures and tables of the reports: matplotlib `Figure`s drawn with the Agg canvas and saved
+as PNG, and markdown tables.
 
 Never through pyplot, so no display or global backend state is involved, and saved without the
 "Software" metadata entry, so a figure's bytes depend on its data and the drawing code only.
-Shared by `report` (a scoring run: the figures below), `sweep_report` and `compare`.
+Shared by `scoring.report` (a scoring run: the figures below), `tasksets.report`,
+`finetune.report` and `scoring.adaptive.replay_report`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ from matplotlib.figure import Figure
 
 DPI = 110
 CLEAN = "clean"  # the corruption kind (and legend label) of records whose "corruption" is null
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of already formatted cells, ending with a newline."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def new_axes(width: float, height: float) -> tuple[Figure, Axes]:

@@ -24,9 +24,9 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, float) else str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+def _table_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table as one item of the report's lines (no trailing newline)."""
+    return plots_lib.markdown_table(header, rows).rstrip("\n")
 
 
 def _plot_eval(results: dict, path: pathlib.Path) -> str:
@@ -131,7 +131,7 @@ def write_report(workdir: str | pathlib.Path, results: dict) -> pathlib.Path:
         f"{results['eval']['response_tokens']} response tokens, {results['eval']['pool_overlap']} repeating a pool "
         "example. Win rate = share of examples whose response NLL is lower than the base model's (ties count 1/2).",
         "",
-        _table(header, rows),
+        _table_lines(header, rows),
         "",
         f"![eval NLL]({_plot_eval(results, plots / 'eval_nll.png')})",
         "",
@@ -141,7 +141,7 @@ def write_report(workdir: str | pathlib.Path, results: dict) -> pathlib.Path:
         cats = list(base["by_category"])
         cat_rows = [["base", *(_fmt(base["by_category"][c]) for c in cats)]]
         cat_rows += [[r["variant"], *(_fmt(r["by_category"][c]) for c in cats)] for r in results["variants"]]
-        parts += ["", "## Eval NLL per token by category", "", _table(["variant", *cats], cat_rows)]
+        parts += ["", "## Eval NLL per token by category", "", _table_lines(["variant", *cats], cat_rows)]
     detail = [
         [
             r["variant"],
@@ -157,7 +157,9 @@ def write_report(workdir: str | pathlib.Path, results: dict) -> pathlib.Path:
         "",
         "## Run details",
         "",
-        _table(["variant", "train s", "train tokens/s", "eval s", "programs compiled", "final checkpoint"], detail),
+        _table_lines(
+            ["variant", "train s", "train tokens/s", "eval s", "programs compiled", "final checkpoint"], detail
+        ),
         "",
         f"Base model evaluation {results['base_eval_s']:.1f}s; this invocation {results['wall_s']:.0f}s (a resumed "
         "comparison skips finished training and evaluations; the table shows the times of the runs that did them).",

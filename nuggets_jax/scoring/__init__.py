@@ -12,11 +12,29 @@
 - `adaptive/`: adaptive scoring (the golden set from a fraction of the pairs).
 """
 
-from nuggets_jax.scoring.blocks import BlockScorer, blocks_to_run, check_finite, plan_blocks
-from nuggets_jax.scoring.engine import Engine, EngineConfig, PassStats, ScoringError, prefix_lengths_of
-from nuggets_jax.scoring.job import JobError, ScoreSpec, WorkdirMismatchError, run_score, validate
-from nuggets_jax.scoring.one_shot import OneShotResult, run_one_shot
-from nuggets_jax.scoring.report import write_report
+import importlib
+
+# The names below load their module on first use (PEP 562), so importing one module of the
+# package (e.g. `report`, which regenerates a report without JAX) does not pull in JAX through the engine.
+_HOMES = {
+    "BlockScorer": "nuggets_jax.scoring.blocks",
+    "Engine": "nuggets_jax.scoring.engine",
+    "EngineConfig": "nuggets_jax.scoring.engine",
+    "JobError": "nuggets_jax.scoring.job",
+    "OneShotResult": "nuggets_jax.scoring.one_shot",
+    "PassStats": "nuggets_jax.scoring.engine",
+    "ScoreSpec": "nuggets_jax.scoring.job",
+    "ScoringError": "nuggets_jax.scoring.engine",
+    "WorkdirMismatchError": "nuggets_jax.scoring.job",
+    "blocks_to_run": "nuggets_jax.scoring.blocks",
+    "check_finite": "nuggets_jax.scoring.blocks",
+    "plan_blocks": "nuggets_jax.scoring.blocks",
+    "prefix_lengths_of": "nuggets_jax.scoring.engine",
+    "run_one_shot": "nuggets_jax.scoring.one_shot",
+    "run_score": "nuggets_jax.scoring.job",
+    "validate": "nuggets_jax.scoring.job",
+    "write_report": "nuggets_jax.scoring.report",
+}
 
 __all__ = [
     "BlockScorer",
@@ -37,3 +55,15 @@ __all__ = [
     "validate",
     "write_report",
 ]
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -86,12 +86,6 @@ def _code(text: Any) -> str:
     return NA if text is None else "`" + " ".join(str(text).split()).replace("`", "'") + "`"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _read_json(path: pathlib.Path) -> Any:
     if not path.is_file():
         return None
@@ -159,7 +153,7 @@ def _examples(lines: list[dict], order: Sequence[int], values: dict[str, np.ndar
             prompt = "\n".join(str(record[key]) for key in ("instruction", "input") if record.get(key))
             row += [_cell(prompt, _TEXT_CHARS) or NA, _cell(record.get("output", ""), _TEXT_CHARS) or NA]
         rows.append(row)
-    return _table(header, rows)
+    return plots_lib.markdown_table(header, rows)
 
 
 def _corruption(
@@ -188,9 +182,11 @@ def _corruption(
     return (
         "## Corruption\n\nAUROC of clean (positive) against corrupted records for each metric: 1.0 means "
         "every clean record scores above every corrupted one, 0.5 is chance (ties count 1/2).\n\n"
-        + _table(["metric", "clean vs all corrupted"] + [f"clean vs {_cell(label)}" for label in labels[1:]], rows)
+        + plots_lib.markdown_table(
+            ["metric", "clean vs all corrupted"] + [f"clean vs {_cell(label)}" for label in labels[1:]], rows
+        )
         + "\n"
-        + _table(
+        + plots_lib.markdown_table(
             ["kind", "records", "share of pool", "share of golden set", "mean rank", f"median {metric}"],
             kind_rows,
         )
@@ -247,9 +243,9 @@ def _tasks(scores: Mapping[str, np.ndarray], plots: pathlib.Path) -> str:
         f"## Per-task view\n\n{zero.size} tasks, {one.shape[0]} fully scored candidates. "
         f"Mean zero-shot log-prob per token {mean_per_token}.\n\n"
         "Tasks where demonstrations help most often:\n\n"
-        + _table(header, rows(order[:5]))
+        + plots_lib.markdown_table(header, rows(order[:5]))
         + "\nTasks where demonstrations help least often:\n\n"
-        + _table(header, rows(hardest))
+        + plots_lib.markdown_table(header, rows(hardest))
         + f"\n![fraction of candidates beating zero-shot per task]({image})\n"
     )
 
@@ -270,9 +266,9 @@ def _run_details(run: Any) -> str:
     settings += [[key, _fmt(_get(run, key))] for key in _RUN_KEYS]
     return (
         "## Run details\n\n"
-        + _table(["setting", "value"], settings)
+        + plots_lib.markdown_table(["setting", "value"], settings)
         + "\n"
-        + _table(["stage", "seconds", "share of wall"], timings)
+        + plots_lib.markdown_table(["stage", "seconds", "share of wall"], timings)
     )
 
 
@@ -287,7 +283,7 @@ def _metrics_section(values: dict[str, np.ndarray], metric: str) -> str:
     return (
         "## Metrics\n\nOver all candidates, higher is better; the ranking metric is in bold and "
         '"unscored" counts candidates without a value.\n\n'
-        + _table(["metric", "mean", "std", "min", "median", "max", "unscored"], rows)
+        + plots_lib.markdown_table(["metric", "mean", "std", "min", "median", "max", "unscored"], rows)
         + "\n"
         + "".join(f"- `{name}`: {METRIC_FORMULAS.get(name, NA)}\n" for name in values)
         + f"\nFraction of candidates with win_rate > 0.5: {NA if win is None else f'{np.mean(win > 0.5):.1%}'}\n"
@@ -311,7 +307,7 @@ def _plots_section(values: dict[str, np.ndarray], metric: str, kinds, cut: float
         "## Plots\n\n"
         + "".join(f"![{pathlib.Path(image).stem}]({image})\n\n" for image in images)
         + "Spearman rank correlation between metrics:\n\n"
-        + _table(["", *names], rows)
+        + plots_lib.markdown_table(["", *names], rows)
     )
 
 

@@ -39,12 +39,6 @@ def _mean_std(entry: Mapping[str, Any], key: str) -> str:
     return f"{mean:.3f} ± {std:.3f}" if std is not None and math.isfinite(std) else f"{mean:.3f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _line_label(entry: Mapping[str, Any], multi_m: bool, multi_init: bool) -> str:
     label = entry["construction"]
     if multi_m:
@@ -109,7 +103,7 @@ def summary_table(result: Mapping[str, Any]) -> str:
             + [_mean_std(e, key) for key in ("spearman", "kendall", *tops)]
             + [f"{cost:.3f}"]
         )
-    return _table(header, rows)
+    return plots_lib.markdown_table(header, rows)
 
 
 def variants_table(result: Mapping[str, Any]) -> str:
@@ -127,7 +121,7 @@ def variants_table(result: Mapping[str, Any]) -> str:
             + [_fmt(r[t]) for t in tops]
             + ["yes" if r["is_reference"] else ""]
         )
-    return _table(header, rows)
+    return plots_lib.markdown_table(header, rows)
 
 
 def write_sweep_report(workdir: str | pathlib.Path, result: Mapping[str, Any]) -> pathlib.Path:
@@ -193,7 +187,9 @@ def write_sweep_report(workdir: str | pathlib.Path, result: Mapping[str, Any]) -
     parts += [
         "## Metric agreement on the union of tasks\n",
         f"![metric correlation]({heatmap})\n",
-        _table(["", *names], [[n, *[_fmt(float(x)) for x in row]] for n, row in zip(names, matrix, strict=True)]),
+        plots_lib.markdown_table(
+            ["", *names], [[n, *[_fmt(float(x)) for x in row]] for n, row in zip(names, matrix, strict=True)]
+        ),
         "## Every variant\n",
         variants_table(result),
         f"Task sets: `tasksets/<name>.json` (+ `.provenance.json`); union: `tasks_union.json`; scores: "

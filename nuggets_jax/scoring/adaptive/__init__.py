@@ -8,10 +8,26 @@
 - `replay.py`, `replay_report.py`: the offline evaluation of settings on an exact run's scores.
 """
 
-from nuggets_jax.scoring.adaptive.config import METRICS, AdaptiveConfig, AdaptiveError, round_columns
-from nuggets_jax.scoring.adaptive.replay import run_evaluation
-from nuggets_jax.scoring.adaptive.rounds import CHUNK_PREFIX, AdaptiveResult, complete, run_adaptive
-from nuggets_jax.scoring.adaptive.rule import Decisions, Rule, decide, simulate, target_rule
+import importlib
+
+# The names below load their module on first use (PEP 562), so importing one module of the
+# package (e.g. `replay_report`) does not pull in JAX through the engine.
+_HOMES = {
+    "AdaptiveConfig": "nuggets_jax.scoring.adaptive.config",
+    "AdaptiveError": "nuggets_jax.scoring.adaptive.config",
+    "AdaptiveResult": "nuggets_jax.scoring.adaptive.rounds",
+    "CHUNK_PREFIX": "nuggets_jax.scoring.adaptive.rounds",
+    "Decisions": "nuggets_jax.scoring.adaptive.rule",
+    "METRICS": "nuggets_jax.scoring.adaptive.config",
+    "Rule": "nuggets_jax.scoring.adaptive.rule",
+    "complete": "nuggets_jax.scoring.adaptive.rounds",
+    "decide": "nuggets_jax.scoring.adaptive.rule",
+    "round_columns": "nuggets_jax.scoring.adaptive.config",
+    "run_adaptive": "nuggets_jax.scoring.adaptive.rounds",
+    "run_evaluation": "nuggets_jax.scoring.adaptive.replay",
+    "simulate": "nuggets_jax.scoring.adaptive.rule",
+    "target_rule": "nuggets_jax.scoring.adaptive.rule",
+}
 
 __all__ = [
     "CHUNK_PREFIX",
@@ -29,3 +45,15 @@ __all__ = [
     "simulate",
     "target_rule",
 ]
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
