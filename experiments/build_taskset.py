@@ -9,8 +9,6 @@ Writes WORKDIR/<name>.json (the task set in the input format; each record keeps 
 same request reuses the files.
 """
 
-import pathlib
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -23,34 +21,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created).", r
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from nuggets_jax import data, tasksets
+    from nuggets_jax import tasksets
 
-    config = _CONFIG.value
     with cli.user_errors():
-        spec = tasksets.TaskSetSpec(config.construction, config.k, config.m, config.seed, config.n_init)
-        spec.check()
-        source = tasksets.load_source(config.source, config.exclude or None, log=cli.log)
-        template = data.Template.from_config(config.data)
-        if config.max_task_tokens:
-            tokenizer = tasksets.load_tokenizer(config.model.path)
-            eligible = [source.records[i] for i in source.eligible]
-            fits = tasksets.prompt_fits(tokenizer, eligible, template, config.max_task_tokens)
-            source = tasksets.restrict(source, fits, f"prompt shorter than max_task_tokens={config.max_task_tokens}")
-        builder = tasksets.TaskSetBuilder(
-            source,
-            config.model.path,
-            config.model.dtype,
-            template,
-            tasksets.EmbeddingConfig(**config.embedding.to_dict()),
-            log=cli.log,
-        )
-        path = pathlib.Path(_WORKDIR.value).expanduser() / f"{config.name or spec.name}.json"
-        result, reused = tasksets.build_or_reuse(builder, spec, path)
-        what = "reused" if reused else "wrote"
-        cli.log(
-            f"{what} {path} ({len(result.records)} tasks, {spec.construction} of {result.provenance['sample_size']} "
-            f"sampled from {len(source.eligible)} eligible records) and {tasksets.provenance_path(path).name}"
-        )
+        tasksets.build_from_config(_CONFIG.value, _WORKDIR.value, log=cli.log)
 
 
 if __name__ == "__main__":

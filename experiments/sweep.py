@@ -30,7 +30,9 @@ def sweep_function(config_path: str):
     for name in ("get_sweep", "sweep"):
         if callable(getattr(module, name, None)):
             return getattr(module, name)
-    raise ValueError(f"{config_path}: defines no get_sweep(config) function; a sweep config needs one.")
+    from nuggets_jax.tasksets import SweepError
+
+    raise SweepError(f"{config_path}: defines no get_sweep(config) function; a sweep config needs one.")
 
 
 def main(argv) -> None:

@@ -110,7 +110,10 @@ class SelectionRule:
         given = {key: config.get(key) for key in _CRITERIA if config.get(key) is not None}
         if len(given) > 1:
             raise SelectionError(f"set only one of select.top_n / select.top_fraction / select.threshold, got {given}.")
-        return cls(**given) if given else cls(top_fraction=DEFAULT_TOP_FRACTION)
+        try:
+            return cls(**given) if given else cls(top_fraction=DEFAULT_TOP_FRACTION)
+        except SelectionError as error:
+            raise SelectionError(f"select.{error}; fix it in the config or on the command line.") from None
 
     def as_dict(self) -> dict[str, float | int]:
         """The one criterion set, as `{name: value}` (run.json's "selection")."""

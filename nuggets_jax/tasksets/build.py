@@ -29,6 +29,7 @@ import numpy as np
 
 from nuggets_jax import data as data_lib
 from nuggets_jax import store as store_lib
+from nuggets_jax.tasksets import source as source_lib
 from nuggets_jax.tasksets.embedding import (
     EMBEDDING,
     EMBEDDING_TEXTS,
@@ -370,3 +371,31 @@ def build_or_reuse(
     if write:
         write_taskset(path, taskset)
     return taskset, False
+
+
+def build_from_config(config, workdir: str | pathlib.Path, log: Callable[[str], None] = print) -> pathlib.Path:
+    """One task set from a `configs/taskset.py` config: written to workdir/<name>.json with its
+    provenance, or reused when a saved one answers the same request.
+
+    Returns:
+      The task set's path.
+    """
+    spec = TaskSetSpec(config.construction, config.k, config.m, config.seed, config.n_init)
+    spec.check()
+    source = source_lib.load_source(config.source, config.exclude or None, log=log)
+    template = data_lib.Template.from_config(config.data)
+    if config.max_task_tokens:
+        tokenizer = source_lib.load_tokenizer(config.model.path)
+        eligible = [source.records[i] for i in source.eligible]
+        fits = source_lib.prompt_fits(tokenizer, eligible, template, config.max_task_tokens)
+        source = source_lib.restrict(source, fits, f"prompt shorter than max_task_tokens={config.max_task_tokens}")
+    embedding = EmbeddingConfig(**config.embedding.to_dict())
+    builder = TaskSetBuilder(source, config.model.path, config.model.dtype, template, embedding, log=log)
+    path = pathlib.Path(workdir).expanduser() / f"{config.name or spec.name}.json"
+    result, reused = build_or_reuse(builder, spec, path)
+    log(
+        f"{'reused' if reused else 'wrote'} {path} ({len(result.records)} tasks, {spec.construction} of "
+        f"{result.provenance['sample_size']} sampled from {len(source.eligible)} eligible records) and "
+        f"{provenance_path(path).name}"
+    )
+    return path
