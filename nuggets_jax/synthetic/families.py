@@ -5,7 +5,7 @@ its questions' parameters, in a fixed canonical order (the held-out split in `sy
 `HELD_OUT_EVERY`-th of them), and a renderer that turns a question and a phrasing index into an
 `Example`: the instruction and input in that phrasing, one short correct sentence as the output,
 and plausible wrong answers in the same sentence form (used to corrupt the pool). The word and fact
-tables are in `synthetic_tables`.
+tables are in `tables.py`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The word and fact tables the synthetic data is generated from (`synthetic_families`).
+"""The word and fact tables the synthetic data is generated from (`families.py`).
 
 Tuples, never sets, so every table has one order on every run and machine: the families
 enumerate their questions in table order, and the held-out split depends on that order.
