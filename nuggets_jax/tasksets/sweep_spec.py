@@ -172,7 +172,7 @@ def resolve_sweep(config, overrides: Iterable[Mapping[str, Any]]) -> SweepSpec:
     variants = expand(config, overrides)
     references = reference_specs(config, variants)
     score = _score_config(config)
-    job.validate(score)
+    score_spec = job.validate(score)
     task_source = config.taskset.source
     if task_source == "pool":
         if config.score.data.pool == "default":
@@ -191,7 +191,7 @@ def resolve_sweep(config, overrides: Iterable[Mapping[str, Any]]) -> SweepSpec:
         exclude_pool=config.taskset.exclude_pool,
         exclude=config.taskset.exclude,
         fractions=tuple(float(f) for f in config.top_fractions),
-        template=data_lib.Template.from_config(score.data),
-        policy=data_lib.token_policy(score.preset, score.data),
+        template=score_spec.template,
+        policy=score_spec.policy,
         embedding=embedding.EmbeddingConfig(**config.taskset.embedding.to_dict()),
     )
