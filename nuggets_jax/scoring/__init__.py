@@ -12,7 +12,7 @@
 - `adaptive/`: adaptive scoring (the golden set from a fraction of the pairs).
 """
 
-import importlib
+from nuggets_jax import lazy
 
 # The names below load their module on first use (PEP 562), so importing one module of the
 # package (e.g. `report`, which regenerates a report without JAX) does not pull in JAX through the engine.
@@ -56,14 +56,4 @@ __all__ = [
     "write_report",
 ]
 
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        value = getattr(importlib.import_module(_HOMES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES])
+__getattr__, __dir__ = lazy.exports(__name__, _HOMES)

@@ -8,7 +8,7 @@
 - `replay.py`, `replay_report.py`: the offline evaluation of settings on an exact run's scores.
 """
 
-import importlib
+from nuggets_jax import lazy
 
 # The names below load their module on first use (PEP 562), so importing one module of the
 # package (e.g. `replay_report`) does not pull in JAX through the engine.
@@ -46,14 +46,4 @@ __all__ = [
     "target_rule",
 ]
 
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        value = getattr(importlib.import_module(_HOMES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES])
+__getattr__, __dir__ = lazy.exports(__name__, _HOMES)
