@@ -28,7 +28,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.path = "default"  # "default" | HF dir | file.gguf | org/name (hub)
-    config.model.dtype = "float32"  # float32 on CPU; bfloat16 on TPU/GPU
+    config.model.dtype = "auto"  # auto = float32 on CPU, bfloat16 on TPU/GPU | float32 | bfloat16 | float16
+
+    # The device mesh (data, model): candidates split over `data`, the parameters over `model`
+    # (tensor parallel, nuggets_jax.sharding.PARAM_RULES). 1 = every device holds the whole model;
+    # 0 = the smallest degree at which the parameters fit the device's memory.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.model = 1
 
     config.data = ml_collections.ConfigDict()
     config.data.pool = "default"  # .json/.jsonl; "default" = the generated pool (nuggets_jax.synthetic)
@@ -63,6 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scoring.attention_block = 0  # causal query block in a task window; 0 = auto: 64 on CPU, whole on GPU/TPU
     config.scoring.max_window_widths = 4  # task-window widths (each task attends inside the narrowest that holds it)
     config.scoring.chunk_candidates = 32  # candidates per saved chunk
+    # Memory a device may use (GiB); 0 = what the runtime reports (none on CPU). With tokens_per_device=0
+    # the rows are halved until the compiled programs fit in it.
+    config.scoring.device_memory_gib = 0.0
 
     # scoring.mode="adaptive" (nuggets_jax.scoring.adaptive). Metrics: win_rate | mean_logp_gain | token_acc_gain.
     config.adaptive = ml_collections.ConfigDict()

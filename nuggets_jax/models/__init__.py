@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from nuggets_jax.errors import UserError
+from nuggets_jax.store import StoreError, atomic_write_bytes
 from nuggets_jax.models.attention import TaskWindows
 from nuggets_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelConfigError
 from nuggets_jax.models.default import DefaultModelError, cache_root, ensure_default_model
@@ -38,11 +39,19 @@ __all__ = [
     "load_model",
     "load_params",
     "model_fingerprint",
+    "resolve_dtype",
     "resolve_model_dir",
     "save_params",
 ]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str, platform: str) -> str:
+    """A config's parameter dtype: "auto" = float32 on CPU, bfloat16 on GPU/TPU (log-probs are float32 always)."""
+    if name == "auto":
+        return "float32" if platform == "cpu" else "bfloat16"
+    return name
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -121,18 +130,23 @@ def _from_hub(repo_id: str) -> pathlib.Path:
     return pathlib.Path(local)
 
 
-def load_model(path: str = "default", dtype: str = "float32") -> LoadedModel:
+def load_model(path: str = "default", dtype: str = "float32", mesh=None) -> LoadedModel:
     """Loads model parameters and tokenizer (see `resolve_model_dir` for what `path` may be).
 
     Args:
       path: model location.
-      dtype: parameter dtype, "float32", "bfloat16" or "float16".
+      dtype: parameter dtype, "float32", "bfloat16", "float16" or "auto" (`resolve_dtype`).
+      mesh: put the parameters straight into their layout on this (data, model) mesh, each process
+        reading only its own slices (`load_params`); default: on the default device.
     Raises:
       ValueError (ModelLoadError, DefaultModelError, GGUFError, ModelConfigError, CheckpointError):
         a path, file or checkpoint that cannot be used; the message names it.
     """
+    import jax
+
+    dtype = resolve_dtype(dtype, jax.default_backend())
     if dtype not in DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} (or auto).")
     model_dir = resolve_model_dir(path)
     hf_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     config = ModelConfig.from_hf(hf_config, source=str(model_dir / "config.json"))
@@ -147,7 +161,7 @@ def load_model(path: str = "default", dtype: str = "float32") -> LoadedModel:
             f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but config.json vocab_size is "
             f"{config.vocab_size}; tokenizer and weights do not belong together."
         )
-    model = load_params(model_dir, config, dtype=DTYPES[dtype])
+    model = load_params(model_dir, config, dtype=DTYPES[dtype], mesh=mesh)
     return LoadedModel(model, tokenizer, model_dir, config, hf_config)
 
 
@@ -175,6 +189,7 @@ def model_fingerprint(model_dir: str | pathlib.Path) -> str:
         total.update(f"{file.name}\0{digest}\n".encode())
     if fresh != cache:
         # A read-only directory (e.g. a shared hub cache) just is not cached.
-        with contextlib.suppress(OSError):
-            cache_path.write_text(json.dumps(fresh, indent=1))
+        # Atomic, so the processes of a multi-host run starting together never read half a file.
+        with contextlib.suppress(OSError, StoreError):
+            atomic_write_bytes(cache_path, json.dumps(fresh, indent=1).encode())
     return total.hexdigest()

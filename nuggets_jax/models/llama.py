@@ -167,6 +167,9 @@ class Llama(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
+        # Shards of the vocabulary axis of the embedding and the LM head on the mesh's `model` axis
+        # (`sharding.ShardPlan.vocab_shards`): >1 computes lookups and log-softmax shard by shard.
+        self.vocab_shards = 1
         d, vocab = config.hidden_size, config.vocab_size
         self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab, d), dtype))
         self.layers = DecoderStack(config, dtype=dtype, rngs=rngs)
@@ -221,7 +224,7 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length), (b, length))
         causal = jnp.tril(jnp.ones((length, length), bool))
         row_mask = causal[None] & valid[:, None, :] & self._window(positions, positions)  # [B, L, L]
-        x = self.embed[...][tokens][:, None]  # [B, 1, L, D]
+        x = self.embed_tokens(tokens)[:, None]  # [B, 1, L, D]
         h, _ = self._run_layers(x, positions[:, None], _without_prefix(row_mask[:, None]), None)
         return h[:, 0]
 
@@ -230,6 +233,29 @@ class Llama(nnx.Module):
     ) -> jax.Array:
         """Logits [B, L, V] in float32 of whole sequences (see `hidden` for the arguments)."""
         return self.logits(self.hidden(tokens, attention_mask, positions))
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Embedding rows [..., D] of token ids [...]; with vocabulary shards each shard looks up the
+        ids it holds and the shards' rows are summed (one nonzero term each, so exact)."""
+        table, shards = self.embed[...], self.vocab_shards
+        if shards == 1:
+            return table[tokens]
+        per = table.shape[0] // shards
+        local = tokens[None] - (jnp.arange(shards) * per).reshape(shards, *[1] * tokens.ndim)  # [S, ...]
+        rows = jax.vmap(lambda t, i: t[i])(table.reshape(shards, per, -1), jnp.clip(local, 0, per - 1))
+        inside = (local >= 0) & (local < per)
+        return jnp.sum(jnp.where(inside[..., None], rows, jnp.zeros((), rows.dtype)), axis=0)
+
+    def _shard_logits(self, h: jax.Array, start, width: int) -> jax.Array:
+        """Logits [S, ..., width] in float32 of entries start .. start + width - 1 of every vocabulary shard."""
+        shards = self.vocab_shards
+        if self.lm_head is None:
+            w = self.embed[...].reshape(shards, -1, h.shape[-1])  # [S, V/S, D]
+            w = jax.lax.dynamic_slice_in_dim(w, start, width, axis=1)
+            return jnp.einsum("...d,svd->s...v", h, w, preferred_element_type=jnp.float32)
+        w = self.lm_head[...].reshape(h.shape[-1], shards, -1)  # [D, S, V/S]
+        w = jax.lax.dynamic_slice_in_dim(w, start, width, axis=2)
+        return jnp.einsum("...d,dsv->s...v", h, w, preferred_element_type=jnp.float32)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """LM head: hidden [..., D] -> logits [..., V] in float32."""
@@ -259,7 +285,7 @@ class Llama(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(p), (c, p))
         causal = jnp.tril(jnp.ones((p, p), bool))
         row_mask = (causal[None] & mask[:, None, :] & self._window(positions, positions))[:, None]
-        x = self.embed[...][tokens][:, None]
+        x = self.embed_tokens(tokens)[:, None]
         _, (keys, values) = self._run_layers(x, positions[:, None], _without_prefix(row_mask), None)
         # scan stacked [N, C, 1, P, K, Dh]; drop the row axis.
         return PrefixCache(keys[:, :, 0], values[:, :, 0], mask, jnp.sum(mask, axis=1).astype(jnp.int32))
@@ -320,7 +346,7 @@ class Llama(nnx.Module):
                     q, k, v, windows, tuple(causal), (*attention.heads_major(kv), row_pm)
                 )
 
-        x = self.embed[...][tokens]
+        x = self.embed_tokens(tokens)
         h, _ = self._run_layers(x, positions, attend, prefix)
         return h
 
@@ -351,31 +377,41 @@ class Llama(nnx.Module):
         # [n_chunks, ..., lm_chunk, D]: map over chunks, keep the leading (sharded) axes intact.
         hs = jnp.moveaxis(hs.reshape(*lead, -1, lm_chunk, h.shape[-1]), -3, 0)
         ts = jnp.moveaxis(ts.reshape(*lead, -1, lm_chunk), -2, 0)
-        vocab = self.config.vocab_size
+        shards = self.vocab_shards
+        vocab = self.config.vocab_size // shards  # entries per shard
         tile = vocab if lm_head_vocab_tile <= 0 else min(lm_head_vocab_tile, vocab)
         full_tiles, rest = divmod(vocab, tile)
 
         def one(args):
             hc, tc = args
+            # With S vocabulary shards every statistic carries a leading [S] axis (split over the
+            # mesh's `model` axis), offsets are of the shard's entries; the shards are reduced last.
+            offsets = (jnp.arange(shards) * vocab).reshape(shards, *[1] * tc.ndim) if shards > 1 else 0
+
+            def logits_of(start, width):
+                if shards == 1:
+                    return self._logits_slice(hc, start, width)  # [..., lm_chunk, width] float32
+                return self._shard_logits(hc, start, width)  # [S, ..., lm_chunk, width]
 
             def update(carry, start, width):
                 peak, total, target_logit, first = carry
-                logits = self._logits_slice(hc, start, width)  # [..., lm_chunk, width] float32
+                logits = logits_of(start, width)
                 tile_peak = jnp.max(logits, axis=-1)
                 new_peak = jnp.maximum(peak, tile_peak)
                 total = total * jnp.exp(peak - new_peak) + jnp.sum(jnp.exp(logits - new_peak[..., None]), axis=-1)
-                local = tc - start
+                local = tc - offsets - start
                 picked = jnp.take_along_axis(logits, jnp.clip(local, 0, width - 1)[..., None], axis=-1)[..., 0]
                 target_logit = jnp.where((local >= 0) & (local < width), picked, target_logit)
                 # argmax's rule (the first index of the maximum) without its slow variadic reduce: the
                 # smallest index holding the tile's maximum; an earlier tile keeps a tied maximum.
                 at_peak = jnp.where(logits == tile_peak[..., None], jnp.arange(width), width)
-                tile_first = start + jnp.min(at_peak, axis=-1)
+                tile_first = offsets + start + jnp.min(at_peak, axis=-1)
                 first = jnp.where(tile_peak > peak, tile_first, first)
                 return new_peak, total, target_logit, first
 
-            zeros = jnp.zeros(tc.shape, jnp.float32)
-            carry = (jnp.full(tc.shape, -jnp.inf, jnp.float32), zeros, zeros, jnp.zeros(tc.shape, jnp.int32))
+            shape = tc.shape if shards == 1 else (shards, *tc.shape)
+            zeros = jnp.zeros(shape, jnp.float32)
+            carry = (jnp.full(shape, -jnp.inf, jnp.float32), zeros, zeros, jnp.zeros(shape, jnp.int32))
             if full_tiles == 1:
                 carry = update(carry, 0, tile)
             else:
@@ -383,6 +419,12 @@ class Llama(nnx.Module):
             if rest:
                 carry = update(carry, full_tiles * tile, rest)
             peak, total, target_logit, first = carry
+            if shards > 1:  # across shards: the same running rules, the earliest shard wins a tie
+                top = jnp.max(peak, axis=0)
+                total = jnp.sum(total * jnp.exp(peak - top), axis=0)
+                target_logit = jnp.sum(target_logit, axis=0)  # zero in every shard but the target's
+                first = jnp.min(jnp.where(peak == top, first, self.config.vocab_size), axis=0)
+                peak = top
             return target_logit - (peak + jnp.log(total)), first == tc
 
         logp, correct = jax.lax.map(one, (hs, ts))

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from nuggets_jax import sharding
 from nuggets_jax.errors import UserError
 from nuggets_jax.models.config import ModelConfig
 from nuggets_jax.models.llama import Llama
@@ -122,8 +123,16 @@ def _match(name: str) -> tuple[tuple[str, ...], int | None, bool] | None:
     return None
 
 
-def load_params(model_dir: str | pathlib.Path, config: ModelConfig | None = None, dtype=jnp.float32) -> Llama:
+def load_params(
+    model_dir: str | pathlib.Path, config: ModelConfig | None = None, dtype=jnp.float32, mesh=None
+) -> Llama:
     """Builds a `Llama` in `dtype` from a HF model directory, strictly.
+
+    The safetensors files are memory-mapped and every tensor is checked against config.json before
+    anything is read. With a `mesh` each parameter is built straight into its layout of the
+    sharding table (`sharding.ShardPlan`) by `jax.make_array_from_callback`: every process reads
+    only the slices its own devices hold, nothing is compared across processes and no process
+    needs the whole model in host memory.
 
     Raises:
       CheckpointError: listing every missing, unexpected and wrong-shaped tensor at once.
@@ -133,8 +142,34 @@ def load_params(model_dir: str | pathlib.Path, config: ModelConfig | None = None
     abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     expected = {path: v.shape for path, v in nnx.to_flat_state(state)}
-    values: dict[tuple[str, ...], np.ndarray] = {}
-    filled: dict[tuple[str, ...], np.ndarray] = {}  # per stacked param: which layers arrived
+    sources = _index_checkpoint(model_dir, config, expected)
+    targets = {}
+    if mesh is not None:
+        plan = sharding.ShardPlan.of(config, sharding.model_size(mesh))
+        targets = dict(nnx.to_flat_state(sharding.param_shardings(mesh, plan, state)))
+    nested: dict = {}
+    for path, shape in expected.items():
+        node = nested
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = _build(sources[path], shape, dtype, _value(targets.get(path)))
+    nnx.replace_by_pure_dict(state, nested)
+    return nnx.merge(graphdef, state)
+
+
+def _value(x):
+    return x.get_value() if hasattr(x, "get_value") else x
+
+
+# One parameter's source: (mapped array, transpose?) for a whole tensor, or one per layer.
+Source = tuple[np.ndarray, bool]
+
+
+def _index_checkpoint(
+    model_dir: pathlib.Path, config: ModelConfig, expected: dict[tuple[str, ...], tuple[int, ...]]
+) -> dict[tuple[str, ...], Source | list[Source]]:
+    """Maps every parameter to its memory-mapped tensor(s); reads no tensor data."""
+    sources: dict[tuple[str, ...], Source | list[Source | None]] = {}
     unexpected, wrong_shape = [], []
     misshapen: set[tuple[tuple[str, ...], int | None]] = set()  # reported once, not again as missing
     for file in checkpoint_files(model_dir):
@@ -156,22 +191,17 @@ def load_params(model_dir: str | pathlib.Path, config: ModelConfig | None = None
                 wrong_shape.append(f"{name}: {list(array.shape)}, expected {list(hf_want)}")
                 misshapen.add((path, layer))
                 continue
-            array = np.asarray(array.T if transpose else array).astype(dtype)
             if layer is None:
-                values[path] = array
+                sources[path] = (array, transpose)
             else:
-                if path not in values:
-                    values[path] = np.empty(expected[path], dtype)
-                    filled[path] = np.zeros(config.num_layers, bool)
-                values[path][layer] = array
-                filled[path][layer] = True
+                sources.setdefault(path, [None] * config.num_layers)[layer] = (array, transpose)
     missing = []
-    for path, shape in expected.items():
+    for path in expected:
         stacked = path[0] == "layers"
-        arrived = filled.get(path, np.zeros(shape[0] if stacked else 1, bool)) if stacked else [path in values]
-        for i in np.flatnonzero(~np.asarray(arrived)):
-            layer = int(i) if stacked else None
-            if (path, layer) not in misshapen:
+        got = sources.get(path, [None] * config.num_layers if stacked else None)
+        for i, src in enumerate(got if stacked else [got]):
+            layer = i if stacked else None
+            if src is None and (path, layer) not in misshapen:
                 missing.append(_hf_name(path, layer))
     if missing or unexpected or wrong_shape:
         parts = [
@@ -183,14 +213,23 @@ def load_params(model_dir: str | pathlib.Path, config: ModelConfig | None = None
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
                 parts.append(f"  {title} ({len(items)}): " + "; ".join(shown))
         raise CheckpointError("\n".join(parts))
-    nested: dict = {}
-    for path, array in values.items():
-        node = nested
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(array)
-    nnx.replace_by_pure_dict(state, nested)
-    return nnx.merge(graphdef, state)
+    return sources
+
+
+def _read(source: Source | list[Source], index: tuple[slice, ...], dtype) -> np.ndarray:
+    """The `index` block of a parameter in `dtype`, reading only those bytes of the mapped files."""
+    if isinstance(source, tuple):
+        array, transpose = source
+        return np.asarray((array.T if transpose else array)[index]).astype(dtype)
+    layers = range(len(source))[index[0]]
+    out = [np.asarray((a.T if t else a)[index[1:]]).astype(dtype) for a, t in (source[i] for i in layers)]
+    return np.stack(out) if out else np.empty((0,), dtype)
+
+
+def _build(source, shape: tuple[int, ...], dtype, sharding) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(_read(source, tuple(slice(None) for _ in shape), dtype))
+    return jax.make_array_from_callback(shape, sharding, lambda index: _read(source, index, dtype))
 
 
 def _hf_name(path: tuple[str, ...], layer: int | None) -> str:

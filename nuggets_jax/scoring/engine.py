@@ -29,6 +29,7 @@ from nuggets_jax import sharding
 from nuggets_jax.data import TokenizedPrefixes, TokenizedTasks
 from nuggets_jax.errors import UserError
 from nuggets_jax.models.llama import Llama, PrefixCache, TaskWindows
+from nuggets_jax.scoring import memory
 from nuggets_jax.scoring.packing import (
     RowGroup,
     TaskLayout,
@@ -70,6 +71,8 @@ class EngineConfig:
         window's keys up to its own end, so most scores above the diagonal are skipped; 0 = per
         platform (AUTO_ATTENTION_BLOCK), a value >= the widest window = whole windows.
       max_window_widths: task-window widths to lay out (padding inside windows vs program size).
+      device_memory_gib: memory a device may use; 0 = what the runtime reports (none on CPU). With
+        auto tokens_per_device the row size is halved until the compiled programs fit in it.
     """
 
     candidates_per_device: int = 1
@@ -81,6 +84,7 @@ class EngineConfig:
     attention_queries: int = 0
     attention_block: int = 0
     max_window_widths: int = 4
+    device_memory_gib: float = 0.0
 
     def for_platform(self, platform: str) -> EngineConfig:
         """This config with the 0 (auto) sizes filled in for `platform` ("cpu", "gpu", "tpu")."""
@@ -106,12 +110,19 @@ AUTO_ATTENTION_QUERIES = (128, 1 << 30)
 AUTO_ATTENTION_BLOCK = (64, 1 << 30)
 
 
-def _encode_program(graphdef, state, tokens, mask) -> PrefixCache:
-    return nnx.merge(graphdef, state).encode_prefix(tokens, mask)
+def _merge(graphdef, vocab_shards: int, state) -> Llama:
+    model = nnx.merge(graphdef, state)
+    model.vocab_shards = vocab_shards
+    return model
+
+
+def _encode_program(graphdef, vocab_shards, state, tokens, mask) -> PrefixCache:
+    return _merge(graphdef, vocab_shards, state).encode_prefix(tokens, mask)
 
 
 def _step_program(
     graphdef,
+    vocab_shards: int,
     tasks_per_group: int,
     lm_chunk: int,
     lm_head_vocab_tile: int,
@@ -129,7 +140,7 @@ def _step_program(
     window_back,
 ):
     """[C, R, L] rows after each candidate's prefix -> per-task sums: logp [C, S] f32, correct [C, S] i32."""
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, vocab_shards, state)
     windows = TaskWindows(tuple(window_index), window_back, attention_queries, attention_block)
     h = model.forward_rows(cache, tokens, task_positions, segment_ids, windows)  # [C, R, L, D]
     c, d = h.shape[0], h.shape[-1]
@@ -183,49 +194,84 @@ class Engine:
         """Packs the tasks, picks prefix buckets and compiles every program.
 
         Args:
-          model: the model; its parameters are replicated over the mesh.
+          model: the model; its parameters are laid out on the mesh by the sharding table
+            (`sharding.ShardPlan`; already there when loaded with `load_model(..., mesh=)`).
           tasks: the tokenized task set (all columns).
           prefix_lengths: every prefix length that will be scored (bucket choice).
           config: batching knobs (default EngineConfig()).
-          mesh: default all devices of all processes.
+          mesh: the (data, model) mesh; default all devices of all processes, data parallel.
           log: progress messages.
           column_sets: optional task subsets (e.g. adaptive rounds) to lay out as well; they share
             one padded shape, so they add one step program per prefix bucket.
         """
         self.mesh = mesh or sharding.make_mesh()
+        config_in = config
         self.config = config = (config or EngineConfig()).for_platform(self.mesh.devices.flat[0].platform)
         self.model_config = model.config
         self.tasks = tasks
         self.num_tasks = len(tasks.ids)
         self.task_lengths = [len(t) for t in tasks.ids]
-        self.slots = config.candidates_per_device * self.mesh.devices.size  # C, global
+        self.slots = config.candidates_per_device * sharding.data_size(self.mesh)  # C, global
+        self.plan = sharding.ShardPlan.of(model.config, sharding.model_size(self.mesh))
         self.local = sharding.local_slots(self.mesh, self.slots)
         # One process: a lone candidate's rows can be dealt over the slots (`dispatch_dealt`).
         dealable = jax.process_count() == 1 and self.slots > 1
 
-        # Task layouts: rows of row_length tokens, one row per group, task windows of a few widths.
-        self.row_length = self._row_length(dealable)
-        self.window_widths = prefix_buckets(self.task_lengths, config.max_window_widths)
-        self.layout = self._layouts([np.arange(self.num_tasks)])[0]
-        self.subset_layouts = self._layouts(column_sets) if len(column_sets) else []
-        self.rows_per_group = self.layout.groups[0].tokens.shape[0]
-        # Row groups a block leftover can deal over the slots (`blocks.plan_blocks`); 0 = never.
-        self.deal_groups = len(self.layout.groups) if dealable else 0
-
-        # Prefix buckets: one encode program and one step program per layout shape for each.
-        self.buckets = prefix_buckets(list(prefix_lengths), config.max_prefix_buckets)
-        self._warn_past_positions(log)
-        self.lm_chunk = max(8, config.lm_head_tokens // config.candidates_per_device)
         graphdef, state = nnx.split(model)
-        self.state = jax.device_put(state, sharding.replicated(self.mesh))
+        self.state_shardings = sharding.param_shardings(self.mesh, self.plan, state)
+        self.state = _place(state, self.state_shardings)
+        self.param_bytes_per_device = sharding.bytes_per_device(self.state, self.state_shardings)
+        self.memory_limit = memory.device_memory(self.mesh.devices.flat[0], config.device_memory_gib)
+        log(f"engine: {self.plan.describe()}; parameters {memory.gib(self.param_bytes_per_device)} per device")
+        self._check_params_fit(model)
+        self.buckets = prefix_buckets(list(prefix_lengths), config.max_prefix_buckets)
+        auto_tokens = (config_in or EngineConfig()).tokens_per_device == 0
         t0 = time.perf_counter()
-        self._encode, self._step = self._compile(graphdef, model.dtype)
+        while True:
+            self._lay_out(dealable, column_sets)
+            self._encode, self._step = self._compile(graphdef, model.dtype)
+            self.program_bytes = max(memory.program_bytes(c) for c in [*self._encode.values(), *self._step.values()])
+            if self.memory_limit is None or self.program_bytes <= memory.PROGRAM_SHARE * self.memory_limit:
+                break
+            if not auto_tokens or self.config.tokens_per_device // 2 < max(self.task_lengths):
+                raise ScoringError(
+                    f"the scoring program needs {memory.gib(self.program_bytes)} per device, the device has "
+                    f"{memory.gib(self.memory_limit)}: lower scoring.tokens_per_device "
+                    f"(now {self.config.tokens_per_device}) or raise mesh.model (now {self.plan.degree})."
+                )
+            half = self.config.tokens_per_device // 2
+            log(f"engine: {memory.gib(self.program_bytes)} per device does not fit; tokens_per_device {half}")
+            self.config = dataclasses.replace(self.config, tokens_per_device=half)
         self.compile_s = time.perf_counter() - t0
+        self._warn_past_positions(log)
         self.programs = len(self._encode) + len(self._step)
 
         self._group_arrays: dict[int, list[tuple[jax.Array, ...]]] = {}
         self._dealt_arrays: dict[tuple, tuple] = {}
         log(self._summary())
+
+    def _lay_out(self, dealable: bool, column_sets) -> None:
+        """Task layouts at the current tokens_per_device: rows of row_length tokens, one row per
+        group, task windows of a few widths."""
+        self.row_length = self._row_length(dealable)
+        self.window_widths = prefix_buckets(self.task_lengths, self.config.max_window_widths)
+        self.layout = self._layouts([np.arange(self.num_tasks)])[0]
+        self.subset_layouts = self._layouts(column_sets) if len(column_sets) else []
+        self.rows_per_group = self.layout.groups[0].tokens.shape[0]
+        # Row groups a block leftover can deal over the slots (`blocks.plan_blocks`); 0 = never.
+        self.deal_groups = len(self.layout.groups) if dealable else 0
+        self.lm_chunk = max(8, self.config.lm_head_tokens // self.config.candidates_per_device)
+
+    def _check_params_fit(self, model: Llama) -> None:
+        if self.memory_limit is None or self.param_bytes_per_device <= memory.PROGRAM_SHARE * self.memory_limit:
+            return
+        local = jax.local_device_count()
+        need = memory.fit_degree(model.config, model.dtype, self.memory_limit, local)  # raises if none fits
+        raise ScoringError(
+            f"the parameters take {memory.gib(self.param_bytes_per_device)} per device at mesh.model="
+            f"{self.plan.degree}, the device has {memory.gib(self.memory_limit)}: set mesh.model={need} "
+            "(or 0 to pick it)."
+        )
 
     def _row_length(self, dealable: bool) -> int:
         """L: the configured row length, or `plan_rows`'s (a row count the slots divide when dealable)."""
@@ -260,14 +306,17 @@ class Engine:
     def _compile(self, graphdef, dtype) -> tuple[dict, dict]:
         """Every program, ahead of time: encode[width] and step[width, group program_shape]."""
         config, cfg, slots = self.config, self.model_config, self.slots
-        data, kv_sharding = sharding.data_sharding(self.mesh), _axis1(self.mesh)
+        data = sharding.data_sharding(self.mesh)
+        kv_sharding = jax.sharding.NamedSharding(self.mesh, self.plan.cache_spec())
+        shards = self.plan.vocab_shards
         shapes = {lay.groups[0].program_shape: lay.groups[0] for lay in [self.layout, *self.subset_layouts]}
         encode_programs, step_programs = {}, {}
         for width in self.buckets:
             tok = jax.ShapeDtypeStruct((slots, width), jnp.int32, sharding=data)
             msk = jax.ShapeDtypeStruct((slots, width), jnp.bool_, sharding=data)
             encode = jax.jit(
-                functools.partial(_encode_program, graphdef),
+                functools.partial(_encode_program, graphdef, shards),
+                in_shardings=(self.state_shardings, data, data),
                 out_shardings=PrefixCache(kv_sharding, kv_sharding, data, data),
             )
             encode_programs[width] = encode.lower(self.state, tok, msk).compile()
@@ -284,7 +333,12 @@ class Engine:
                 )
                 back = jax.ShapeDtypeStruct((slots, r * length), jnp.int32, sharding=data)
                 static = (s, self.lm_chunk, config.lm_head_vocab_tile, config.attention_queries, config.attention_block)
-                step = jax.jit(functools.partial(_step_program, graphdef, *static))
+                step = jax.jit(
+                    functools.partial(_step_program, graphdef, shards, *static),
+                    in_shardings=(self.state_shardings, PrefixCache(kv_sharding, kv_sharding, data, data),
+                                  *[data] * 6, tuple(data for _ in windows), data),
+                    out_shardings=(data, data),
+                )  # fmt: skip
                 step_programs[width, key] = step.lower(
                     self.state, cache, rows, rows, rows, score, score, score, windows, back
                 ).compile()
@@ -293,8 +347,9 @@ class Engine:
     def _summary(self) -> str:
         r, length = self.layout.groups[0].tokens.shape
         span = "task windows of " + "/".join(str(w.shape[1]) for w in self.layout.groups[0].window_index)
+        mesh = "x".join(str(n) for n in self.mesh.devices.shape)
         return (
-            f"engine: {self.mesh.devices.size} device(s), C={self.slots} candidates/call, rows {r}x{length} "
+            f"engine: {self.mesh.devices.size} device(s) (mesh data x model = {mesh}), C={self.slots} candidates/call, rows {r}x{length} "
             f"(fill {self.layout.fill:.0%}, {len(self.layout.groups)} group(s)), attention over {span}, "
             f"prefix buckets {self.buckets}, "
             f"{self.programs} programs compiled in {self.compile_s:.1f}s"
@@ -435,9 +490,26 @@ def dealt_calls(groups: int, slots: int, k: int) -> int:
     return -(-groups // (slots // k))
 
 
-def _axis1(mesh) -> jax.sharding.NamedSharding:
-    """Sharding of [N, C, ...] prefix K/V: the candidate axis (1) on `data`."""
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+def _place(state, shardings):
+    """`state` laid out by `shardings`; arrays already there (loaded onto the mesh) are not moved, so
+    nothing is compared or copied across processes. Abstract leaves (a model from `nnx.eval_shape`)
+    stay abstract: the engine then compiles every program without weights (memory analysis only)."""
+    leaves, treedef = jax.tree.flatten(state)
+    targets = jax.tree.leaves(shardings)
+
+    def place(x, s):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim):
+            return x
+        return jax.device_put(x, s)
+
+    placed = [place(x, s) for x, s in zip(leaves, targets, strict=True)]
+    return jax.tree.unflatten(treedef, placed)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def prefix_lengths_of(prefixes: TokenizedPrefixes) -> list[int]:

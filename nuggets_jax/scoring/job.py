@@ -81,6 +81,27 @@ class ScoreSpec:
     metric: str
 
 
+def mesh_degree(config) -> int:
+    """The config's `mesh.model` (configs written before the field: 1)."""
+    return int(config.mesh.model) if "mesh" in config else 1
+
+
+def make_mesh(config, dtype: str, log: Callable[[str], None]):
+    """The (data, model) mesh of `mesh.model`; 0 = the smallest degree the parameters fit at."""
+    import jax
+
+    from nuggets_jax import models
+    from nuggets_jax.scoring import memory
+
+    degree = mesh_degree(config)
+    if degree == 0:
+        model_config = models.ModelConfig.from_file(models.resolve_model_dir(config.model.path) / "config.json")
+        limit = memory.device_memory(override_gib=config.scoring.device_memory_gib)
+        degree = memory.fit_degree(model_config, models.DTYPES[dtype], limit, jax.local_device_count())
+        log(f"mesh: mesh.model=0 -> model-parallel degree {degree}")
+    return sharding.make_mesh(degree)
+
+
 def validate(config) -> ScoreSpec:
     """Checks everything that can be checked before loading a model; returns the resolved spec."""
     if config.metric not in metrics_lib.METRICS:
@@ -88,8 +109,10 @@ def validate(config) -> ScoreSpec:
     from nuggets_jax.models import DTYPES
     from nuggets_jax.scoring.engine import EngineConfig
 
-    if config.model.dtype not in DTYPES:
-        raise JobError(f"unknown model.dtype {config.model.dtype!r}; choose one of: {', '.join(DTYPES)}.")
+    if config.model.dtype not in (*DTYPES, "auto"):
+        raise JobError(f"unknown model.dtype {config.model.dtype!r}; choose auto or one of: {', '.join(DTYPES)}.")
+    if mesh_degree(config) < 0:
+        raise JobError(f"mesh.model={mesh_degree(config)}: use 1 (data parallel), a model-parallel degree, or 0 (auto).")
     policy = token_policy(config)
     selection = select_lib.SelectionRule.from_config(config.select)
     if config.scoring.candidates_per_device < 1 or config.scoring.tokens_per_device < 0:
@@ -156,11 +179,13 @@ def load_inputs(config, workdir: pathlib.Path) -> Inputs:
     return Inputs(pool, tasks, pool_source, tasks_source, pool_digest, tasks_digest)
 
 
-def fingerprint(config, inputs: Inputs, model_fingerprint: str, policy: data_lib.TokenPolicy) -> dict[str, Any]:
+def fingerprint(
+    config, inputs: Inputs, model_fingerprint: str, policy: data_lib.TokenPolicy, dtype: str
+) -> dict[str, Any]:
     """Everything that determines the scores; a resumed run must match it exactly."""
     return {
         "model": model_fingerprint,
-        "dtype": config.model.dtype,
+        "dtype": dtype,
         "pool": inputs.pool_digest,
         "max_candidates": config.data.max_candidates,
         "tasks": inputs.tasks_digest,
@@ -212,16 +237,21 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     workdir = prepare_workdir(workdir)
     store = store_lib.ScoreStore(workdir, jax.process_index())
     inputs = load_inputs(config, workdir)
+    dtype = models.resolve_dtype(config.model.dtype, jax.default_backend())
+    traffic_start = sum(sharding.TRAFFIC.values())
     with timings.timed("load_s"):
-        loaded = models.load_model(config.model.path, dtype=config.model.dtype)
-    current = fingerprint(config, inputs, models.model_fingerprint(loaded.model_dir), spec.policy)
+        mesh = make_mesh(config, dtype, log)
+        loaded = models.load_model(config.model.path, dtype=dtype, mesh=mesh)
+    current = fingerprint(config, inputs, models.model_fingerprint(loaded.model_dir), spec.policy, dtype)
     check_fingerprint(workdir, current, config.fresh, store)
     if sharding.is_main():
         store_lib.atomic_write_bytes(workdir / "config.json", config.to_json(indent=2).encode())
     with timings.timed("tokenize_s"):
         tasks, prefixes = tokenize(loaded.tokenizer, inputs, spec, log)
 
-    engine, partial = build_engine(spec, loaded.model, tasks, prefixes, store, log)
+    engine, partial = build_engine(spec, loaded.model, tasks, prefixes, store, log, mesh)
+    traffic = {"load_and_build": sum(sharding.TRAFFIC.values()) - traffic_start}
+    traffic_before = dict(sharding.TRAFFIC)
     timings.compile_s = engine.compile_s
     compiles = _CompileCounter()
     candidate_ids, task_ids = [r.id for r in inputs.pool], [r.id for r in inputs.tasks]
@@ -260,7 +290,11 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     busy = max(sum(p.wall_s for p in passes), 1e-9)
     run = run_info.RunInfo(
         devices=run_info.devices(),
-        model=run_info.model_info(config.model, loaded.model_dir, engine.state),
+        model=run_info.model_info(config.model, loaded.model_dir, engine.state, dtype),
+        mesh=dict(engine.mesh.shape),
+        param_bytes_per_device=engine.param_bytes_per_device,
+        program_bytes_per_device=engine.program_bytes,
+        host_traffic={**traffic, **{k: v - traffic_before.get(k, 0) for k, v in sharding.TRAFFIC.items()}},
         counts=run_info.Counts.of(len(candidate_ids), len(task_ids), selected),
         timings=timings,
         zero_shot=zero_stats.as_dict(),
@@ -302,7 +336,7 @@ def tokenize(tokenizer, inputs: Inputs, spec: ScoreSpec, log: Callable[[str], No
     return tasks, prefixes
 
 
-def build_engine(spec: ScoreSpec, model, tasks, prefixes, store: store_lib.ScoreStore, log):
+def build_engine(spec: ScoreSpec, model, tasks, prefixes, store: store_lib.ScoreStore, log, mesh=None):
     """The engine, and whether the store holds an adaptive run's partially scored candidates.
 
     The adaptive round layouts are compiled for an adaptive run, and for completing one (its
@@ -315,7 +349,8 @@ def build_engine(spec: ScoreSpec, model, tasks, prefixes, store: store_lib.Score
     partial = bool(store.names(adaptive.CHUNK_PREFIX))
     column_sets = round_columns(len(tasks.ids), spec.adaptive) if spec.mode == "adaptive" or partial else ()
     lengths = scoring.prefix_lengths_of(prefixes)
-    return scoring.Engine(model, tasks, lengths, spec.engine, log=log, column_sets=column_sets), partial
+    engine = scoring.Engine(model, tasks, lengths, spec.engine, mesh=mesh, log=log, column_sets=column_sets)
+    return engine, partial
 
 
 def zero_shot(engine, prefixes, store: store_lib.ScoreStore, task_ids):

@@ -68,6 +68,10 @@ class RunInfo:
 
     devices: dict[str, Any]  # count, platform, kind, processes, host
     model: dict[str, Any]  # path, dir, dtype, parameters
+    mesh: dict[str, int]  # {"data": ..., "model": ...}
+    param_bytes_per_device: int
+    program_bytes_per_device: int  # the largest compiled scoring program (XLA memory analysis)
+    host_traffic: dict[str, int]  # bytes this process received in host collectives, by phase/purpose
     counts: Counts
     timings: Timings
     zero_shot: dict[str, float]  # PassStats.as_dict()
@@ -107,14 +111,14 @@ def devices() -> dict[str, Any]:
     }
 
 
-def model_info(model_config, model_dir, state) -> dict[str, Any]:
-    """run.json "model": the config's path and dtype, the resolved folder, the parameter count."""
+def model_info(model_config, model_dir, state, dtype: str) -> dict[str, Any]:
+    """run.json "model": the config's path, the dtype it ran in, the resolved folder, the parameter count."""
     import jax
 
     return {
         "path": str(model_config.path),
         "dir": str(model_dir),
-        "dtype": model_config.dtype,
+        "dtype": dtype,
         "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state))),
     }
 
