@@ -45,8 +45,26 @@ _TOKENIZER_TEXT = [
 ]
 
 
-def build_tiny_model_dir(directory: pathlib.Path, add_bos: bool, vocab_size: int = 320, seed: int = 0) -> pathlib.Path:
-    """Writes config.json, model.safetensors and tokenizer files of a tiny random Llama."""
+def build_tiny_model_dir(
+    directory: pathlib.Path,
+    add_bos: bool,
+    vocab_size: int = 320,
+    seed: int = 0,
+    *,
+    model_type: str = "llama",
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    sliding_window: int | None = None,
+    tie_word_embeddings: bool = False,
+) -> pathlib.Path:
+    """Writes config.json, model.safetensors and tokenizer files of a tiny random Llama-family model.
+
+    The keyword arguments change the architecture (`model_type` "llama", "mistral" or "qwen2"; a
+    qwen2 model has q/k/v biases, given random values so they matter; `sliding_window` turns the
+    window on for every type); the defaults are the tiny Llama the other tests use.
+    """
     import json
 
     import tokenizers
@@ -54,7 +72,7 @@ def build_tiny_model_dir(directory: pathlib.Path, add_bos: bool, vocab_size: int
     from tokenizers import decoders, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from nuggets_jax.models.config import ModelConfig
+    from nuggets_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
     from nuggets_jax.models.llama import Llama
     from nuggets_jax.models.params import save_params
 
@@ -74,26 +92,34 @@ def build_tiny_model_dir(directory: pathlib.Path, add_bos: bool, vocab_size: int
     directory.mkdir(parents=True, exist_ok=True)
     hf_tok.save_pretrained(str(directory))
     hf_config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": model_type,
+        "architectures": [SUPPORTED_MODEL_TYPES[model_type]],
         "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "max_position_embeddings": 2048,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tie_word_embeddings,
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+    if sliding_window is not None:
+        hf_config["sliding_window"] = sliding_window
+        if model_type == "qwen2":
+            hf_config["use_sliding_window"] = True
     model = Llama(ModelConfig.from_hf(hf_config), rngs=nnx.Rngs(seed))
     # Larger weights than the default init so log-probs depend visibly on the context.
     state = nnx.state(model, nnx.Param)
     scaled = jax.tree.map(lambda x: x * 8.0 if x.ndim >= 2 else x, state)
     nnx.update(model, scaled)
+    biases = [name for name in ("q_bias", "k_bias", "v_bias") if getattr(model.layers, name, None) is not None]
+    for i, name in enumerate(biases):  # zero at init; random so that sharding them is tested
+        bias = getattr(model.layers, name)
+        bias[...] = 0.5 * jax.random.normal(jax.random.key(seed + 1 + i), bias[...].shape, bias[...].dtype)
     save_params(model, directory, hf_config)
     (directory / "config.json").write_text(json.dumps(hf_config))
     return directory

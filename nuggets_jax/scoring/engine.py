@@ -508,9 +508,6 @@ def _place(state, shardings):
     return jax.tree.unflatten(treedef, placed)
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
-
 
 def prefix_lengths_of(prefixes: TokenizedPrefixes) -> list[int]:
     return [len(p) for p in prefixes.ids] + [len(prefixes.zero_shot)]

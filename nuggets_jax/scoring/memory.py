@@ -76,12 +76,16 @@ def fit_degree(config: ModelConfig, dtype, limit: int | None, local_devices: int
         if param_bytes(config, dtype, degree) <= budget:
             return degree
     needed = next((d for d in (2**k for k in range(1, 12)) if param_bytes(config, dtype, d) <= budget), None)
+    smallest = min(param_bytes(config, dtype, d) for d in range(1, local_devices + 1) if local_devices % d == 0)
+    fix = (
+        f"it needs mesh.model >= {needed}: use hosts with at least {needed} devices each."
+        if needed
+        else "it does not fit at any degree of mesh.model on these devices."
+    )
     raise sharding.ShardingError(
-        f"the model's parameters need {param_bytes(config, dtype, local_devices) / 2**30:.1f} GiB per device even "
-        f"split over all {local_devices} local devices (budget {budget / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB); "
-        + (f"it needs mesh.model >= {needed}: use hosts with at least {needed} devices each." if needed else
-           "it does not fit on these devices at any degree.")
-    )  # fmt: skip
+        f"the model's parameters need at least {gib(smallest)} per device at any mesh.model that divides "
+        f"this host's {local_devices} devices (budget {gib(budget)} of {gib(limit)}); {fix}"
+    )
 
 
 def gib(n: float) -> str:
