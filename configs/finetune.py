@@ -47,13 +47,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.b2 = 0.999
     config.train.eps = 1e-8
     config.train.clip_norm = 1.0
-    config.train.dtype = "float32"  # compute dtype; params and optimizer state stay float32
+    config.train.dtype = "auto"  # compute dtype (auto: float32 on CPU, bfloat16 on GPU/TPU); master weights and optimizer state stay float32
     config.train.seed = 0  # data order
     config.train.eos = True
     config.train.bos = True
     config.train.lm_head_tokens = 1024
+    # Shard parameters, gradients and optimizer state over the data axis too; auto = when the replicated
+    # state (16 bytes a parameter) would not fit a device (never on CPU).
+    config.train.fsdp = "auto"
+    config.train.remat = "auto"  # recompute decoder layers in the backward: auto (none on CPU, full on GPU/TPU) | none | full | dots
     config.train.checkpoint_every = 8
     config.train.keep_checkpoints = 1
+
+    # The training mesh (data, model): mesh.model devices of a host split each layer (tensor parallel,
+    # the scoring sharding table); the rest split the rows (data parallel, FSDP when on).
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.model = 1
+    # Multi-process runs (TPU pods, multi-host GPU): the same fields as the scoring job's.
+    config.distributed = ml_collections.ConfigDict(config.score.distributed.to_dict())
 
     config.eval = ml_collections.ConfigDict()
     # "default" = generated held-out tasks (synthetic.generate_tasks(size, seed)), disjoint from the

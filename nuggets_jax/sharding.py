@@ -163,6 +163,29 @@ def param_shardings(mesh: Mesh, plan: ShardPlan, state):
     return jax.tree_util.tree_map_with_path(lambda path, _: NamedSharding(mesh, plan.spec(_leaf_name(path))), state)
 
 
+def train_spec(plan: ShardPlan, path, shape: tuple[int, ...], data: int, fsdp: bool) -> PartitionSpec:
+    """The spec of a training-state array (a parameter, its gradient or an optimizer moment): the
+    table's `model` split, and with `fsdp` the largest other axis that `data` divides split over
+    `data` (never the stacked-layer axis, which `lax.scan` walks). Scalars are replicated."""
+    if not shape:
+        return P()
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    spec = [*plan.spec(_leaf_name(path)), *[None] * len(shape)][: len(shape)]
+    if fsdp and data > 1:
+        first = 1 if "layers" in names and len(shape) > 1 else 0
+        free = [i for i in range(first, len(shape)) if spec[i] is None and shape[i] % data == 0]
+        if free:
+            spec[max(free, key=lambda i: shape[i])] = "data"
+    return P(*spec)
+
+
+def train_shardings(mesh: Mesh, plan: ShardPlan, tree, fsdp: bool):
+    """NamedShardings of a training-state tree (params, gradients or an optax state): `train_spec`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, train_spec(plan, path, tuple(np.shape(x)), data_size(mesh), fsdp)), tree
+    )
+
+
 def bytes_per_device(state, shardings) -> int:
     """Bytes of the largest-holding device for arrays (or ShapeDtypeStructs) laid out by `shardings`."""
     total = 0

@@ -1,25 +1,25 @@
 """Fine-tuning checkpoints: `ckpt_<step>/` directories written atomically, found and read back.
 
 A checkpoint is in HF layout (config.json, model.safetensors and the tokenizer, so
-`load_model`/`load_params` read it back) plus optimizer.npz (the optimizer state's leaves in
-flattening order) and trainer_state.json (step, the run's fingerprint, the names of the
-optimizer leaves). It is written to a temporary sibling directory, fsynced, then renamed, so a
-killed run never leaves a half-written `ckpt_<step>/`.
+`load_model`/`load_params` read it back), plus, to resume from, `train_state/`: the float32
+parameters and the optimizer state as an orbax-checkpoint of sharded arrays (every process writes
+only its own shards; a resumed run reads them back onto its own mesh, which may differ), and
+trainer_state.json (step, the run's fingerprint, the names of the state's leaves). The safetensors
+file is streamed one tensor at a time (`params.save_params`), so no process gathers the whole
+model. Everything is written into a temporary sibling directory, then renamed, so a killed run
+never leaves a half-written `ckpt_<step>/`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from nuggets_jax import store as store_lib
@@ -42,9 +42,16 @@ def checkpoint_dirs(run_dir: str | pathlib.Path) -> list[tuple[int, pathlib.Path
     return sorted(found)
 
 
-def _flatten_tree(tree) -> tuple[list[str], list[np.ndarray]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [jax.tree_util.keystr(p) for p, _ in leaves], [np.asarray(jax.device_get(x)) for _, x in leaves]
+def _named_leaves(tree) -> dict[str, Any]:
+    """{key path: leaf} of a tree (a flat dict orbax stores without knowing the tree's node types)."""
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
@@ -58,27 +65,6 @@ def _fsync_dir(path: pathlib.Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_directory(final: pathlib.Path) -> Iterator[pathlib.Path]:
-    """Yields an empty temporary sibling of `final` to fill; then fsyncs it and renames it to `final`.
-
-    A replaced `final` is deleted first. If the block raises, the temporary directory stays behind
-    (hidden, `.<name>.tmp<pid>`); for a checkpoint, `remove_unfinished` deletes it when the run restarts.
-    """
-    tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
 
 
 def remove_unfinished(run_dir: pathlib.Path) -> None:
@@ -104,45 +90,85 @@ def save_checkpoint(
     tokenizer_dir: pathlib.Path | None,
     with_optimizer: bool = True,
 ) -> pathlib.Path:
-    """Writes `ckpt_<step>/` atomically (`atomic_directory`) and returns its path.
+    """Writes `ckpt_<step>/` atomically and returns its path. Every process calls it.
 
-    The optimizer state (2x the parameters) is left out of a run's last checkpoint, which is never resumed.
+    The training state (2-3x the parameters) is left out of a run's last checkpoint, which is never resumed.
     """
+    import orbax.checkpoint as ocp
+
     final = run_dir / f"{_CHECKPOINT_PREFIX}{step:06d}"
-    with atomic_directory(final) as tmp:
-        save_params(nnx.merge(graphdef, jax.device_get(params)), tmp, hf_config)
+    tmp = run_dir / f".{final.name}.tmp"
+    main = jax.process_index() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(f"ckpt-{step}-start")
+    save_params(nnx.merge(graphdef, params), tmp, hf_config, write=main)
+    state = {**trainer_state, "step": step}
+    if with_optimizer:
+        tree = {"params": _named_leaves(params), "opt_state": _named_leaves(opt_state)}
+        with ocp.StandardCheckpointer() as saver:
+            saver.save((tmp / "train_state").absolute(), tree)
+            saver.wait_until_finished()
+        state["state_leaves"] = {k: list(v) for k, v in tree.items()}
+    if main:
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (tokenizer_dir / name).is_file():
                     shutil.copyfile(tokenizer_dir / name, tmp / name)
-        state = {**trainer_state, "step": step}
-        if with_optimizer:
-            names, leaves = _flatten_tree(opt_state)
-            store_lib.write_npz(tmp / "optimizer.npz", {f"leaf_{i:05d}": x for i, x in enumerate(leaves)})
-            state["optimizer_leaves"] = names
         store_lib.atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state, indent=1).encode())
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    _barrier(f"ckpt-{step}-done")
     return final
 
 
-def load_checkpoint(path: pathlib.Path, config: ModelConfig, opt_template) -> tuple[Any, Any, dict]:
+def load_checkpoint(
+    path: pathlib.Path, config: ModelConfig, params_template, opt_template, shardings=None
+) -> tuple[Any, Any, dict]:
     """Parameters (float32), optimizer state (None if the checkpoint has none) and trainer state of `ckpt_<step>/`.
 
+    Args:
+      path: the checkpoint.
+      config: the model config.
+      params_template, opt_template: trees of this run's parameters and optimizer state (arrays or
+        ShapeDtypeStructs), whose structure, shapes and dtypes the checkpoint must have.
+      shardings: (params, opt_state) NamedShardings to restore onto (the run's mesh, any layout).
     Raises:
-      FinetuneError: the optimizer state does not match this run's optimizer.
+      FinetuneError: the state does not match this run's model or optimizer.
     """
+    import orbax.checkpoint as ocp
+
     state = json.loads((path / "trainer_state.json").read_text())
-    params = nnx.split(load_params(path, config, dtype=jnp.float32))[1]
-    if "optimizer_leaves" not in state:
+    if "state_leaves" not in state:
+        params = nnx.split(load_params(path, config, dtype=jnp.float32))[1]
         return params, None, state
-    names, template = _flatten_tree(opt_template)
-    if names != state["optimizer_leaves"]:
-        raise FinetuneError(f"{path}: optimizer state of a different optimizer; use another run directory.")
-    with np.load(path / "optimizer.npz", allow_pickle=False) as z:
-        leaves = [z[f"leaf_{i:05d}"] for i in range(len(names))]
-    for name, got, want in zip(names, leaves, template, strict=True):
-        if got.shape != want.shape or got.dtype != want.dtype:
-            raise FinetuneError(
-                f"{path}/optimizer.npz: {name} is {got.dtype}{got.shape}, expected {want.dtype}{want.shape}."
-            )
-    treedef = jax.tree_util.tree_structure(opt_template)
-    return params, jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in leaves]), state
+    templates = {"params": params_template, "opt_state": opt_template}
+    target_shardings = dict(zip(templates, shardings)) if shardings is not None else {}
+    target = {}
+    for part, template in templates.items():
+        names = _named_leaves(template)
+        if list(names) != state["state_leaves"][part]:
+            raise FinetuneError(f"{path}: {part} of a different model or optimizer; use another run directory.")
+        placed = _named_leaves(target_shardings[part]) if part in target_shardings else {}
+        target[part] = {
+            k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed.get(k, getattr(x, "sharding", None)))
+            for k, x in names.items()
+        }
+    with ocp.StandardCheckpointer() as reader:
+        try:
+            restored = reader.restore((path / "train_state").absolute(), target)
+        except (ValueError, KeyError) as e:
+            raise FinetuneError(f"{path}/train_state: does not match this run ({e}).") from None
+    out = []
+    for part, template in templates.items():
+        treedef = jax.tree_util.tree_structure(template)
+        out.append(jax.tree_util.tree_unflatten(treedef, [restored[part][k] for k in _named_leaves(template)]))
+    return out[0], out[1], state

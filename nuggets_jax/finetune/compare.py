@@ -29,6 +29,7 @@ from flax import nnx
 
 from nuggets_jax import data as data_lib
 from nuggets_jax import select as select_lib
+from nuggets_jax import sharding
 from nuggets_jax import store as store_lib
 from nuggets_jax import synthetic
 from nuggets_jax.errors import UserError
@@ -155,6 +156,7 @@ class ComparisonSpec:
       model_path: the model fine-tuned (config.model.path, or the scoring run's).
       fresh: retrain a variant whose run directory holds a different run.
       progress: show a progress bar while training.
+      mesh_model: the model-parallel degree of the training and evaluation mesh (`mesh.model`).
     """
 
     workdir: pathlib.Path
@@ -168,6 +170,7 @@ class ComparisonSpec:
     model_path: str
     fresh: bool
     progress: bool
+    mesh_model: int = 1
 
 
 def resolve_comparison(
@@ -207,6 +210,7 @@ def resolve_comparison(
         model_path=config.model.path or score_config.model.path,
         fresh=config.fresh,
         progress=config.progress,
+        mesh_model=int(config.mesh.model) if "mesh" in config else 1,
     )
 
 
@@ -284,6 +288,7 @@ def _train_and_evaluate(
         run_dir,
         loaded.hf_config,
         loaded.model_dir,
+        mesh=sharding.make_mesh(spec.mesh_model),
         log=log,
         progress=spec.progress,
         fingerprint_extra={
@@ -327,16 +332,22 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     from nuggets_jax import models
 
     t_start = time.perf_counter()
+    if "distributed" in config:
+        sharding.initialize(sharding.DistributedConfig(**config.distributed.to_dict()))
     workdir = pathlib.Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
     train = finetune_step.TrainConfig(**config.train.to_dict())
     train.validate()  # before a scoring job runs for a comparison that cannot train
+    import jax
+
+    train = train.resolved(jax.default_backend())  # dtype and remat by platform; FSDP decided per run
 
     # What to train: the scoring run's ranking picks the golden set.
     spec = resolve_comparison(config, train, workdir, _scoring_run(config, workdir, log))
 
     # The base model and the held-out set, evaluated once.
-    loaded = models.load_model(spec.model_path, dtype="float32")
+    # float32 master weights, each process reading only its slices (training casts to train.dtype).
+    loaded = models.load_model(spec.model_path, dtype="float32", mesh=sharding.make_mesh(spec.mesh_model))
     model_fingerprint = models.model_fingerprint(loaded.model_dir)
     held_out = _held_out(config.eval, spec, loaded, model_fingerprint, log)
     log(

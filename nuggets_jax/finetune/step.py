@@ -7,7 +7,10 @@ and one compiled program serve the whole run. Gradients of the micro-batches are
 the jitted step (`lax.scan`), then clipped by global norm and applied by AdamW with linear warmup
 and cosine decay. Parameters and optimizer state stay in float32; the forward runs in `dtype`.
 
-Data parallel: rows are split over the `data` axis of the mesh, parameters are replicated.
+Rows are split over the `data` axis of the mesh. The parameters, the gradient accumulator and both
+AdamW moments are laid out by the scoring sharding table on `model` (tensor parallel) and, with
+FSDP, over `data` as well (`sharding.train_spec`); XLA gathers a layer's weights where it runs.
+Each decoder layer can be rematerialised in the backward pass (`remat`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ class TrainConfig:
       eos: end every untruncated example with the tokenizer's eos token (and train on it).
       bos: start every example with the tokenizer's leading special tokens (as zero-shot scoring does).
       lm_head_tokens: positions per LM-head chunk (bounds the [.., V] logits).
+      fsdp: "auto" | "on" | "off": shard the parameters, gradients and optimizer state over `data`
+        too; auto = on when the replicated state (16 bytes a parameter) would not fit a device.
+      remat: "auto" | "none" | "full" | "dots": recompute each decoder layer in the backward pass
+        (full: save nothing inside a layer; dots: save its matmul outputs); auto = none on CPU, full
+        on GPU/TPU.
       checkpoint_every: save every N steps (the last step is always saved).
       keep_checkpoints: newest checkpoints kept (older ones are deleted).
     """
@@ -68,11 +76,13 @@ class TrainConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float = 1.0
-    dtype: str = "float32"
+    dtype: str = "auto"
     seed: int = 0
     eos: bool = True
     bos: bool = True
     lm_head_tokens: int = 1024
+    fsdp: str = "auto"
+    remat: str = "auto"
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
 
@@ -86,10 +96,36 @@ class TrainConfig:
             raise FinetuneError("train.row_length and train.warmup_steps must be >= 0, train.lm_head_tokens >= 1.")
         if not self.learning_rate > 0 or not 0 <= self.end_learning_rate <= 1:
             raise FinetuneError("train.learning_rate must be > 0 and train.end_learning_rate in [0, 1].")
-        if self.dtype not in DTYPES:
-            raise FinetuneError(f"unknown train.dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}.")
+        if self.dtype not in (*DTYPES, "auto"):
+            raise FinetuneError(f"unknown train.dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)} (or auto).")
+        if self.fsdp not in ("auto", "on", "off"):
+            raise FinetuneError(f"unknown train.fsdp {self.fsdp!r}; choose auto, on or off.")
+        if self.remat not in REMAT_POLICIES:
+            raise FinetuneError(f"unknown train.remat {self.remat!r}; choose one of: {', '.join(REMAT_POLICIES)}.")
+
+    def resolved(self, platform: str, state_bytes: int | None = None, memory_limit: int | None = None) -> TrainConfig:
+        """The "auto" fields decided: dtype and remat by platform, FSDP (once `state_bytes`, the
+        replicated training state per device, is known) by whether it fits `memory_limit`."""
+        from nuggets_jax.models import resolve_dtype
+        from nuggets_jax.scoring.memory import PARAM_SHARE
+
+        accel = platform != "cpu"
+        fsdp = self.fsdp
+        if fsdp == "auto" and state_bytes is not None:
+            fsdp = "on" if memory_limit is not None and state_bytes > PARAM_SHARE * memory_limit else "off"
+        remat = self.remat if self.remat != "auto" else ("full" if accel else "none")
+        return dataclasses.replace(self, dtype=resolve_dtype(self.dtype, platform), fsdp=fsdp, remat=remat)
         if not self.clip_norm > 0:
             raise FinetuneError(f"train.clip_norm must be > 0, got {self.clip_norm}.")
+
+
+# Decoder-layer rematerialisation: the policy of `jax.checkpoint` (None = save nothing of a layer).
+REMAT_POLICIES = {
+    "auto": None,
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def learning_rate_schedule(config: TrainConfig) -> Callable[[jax.Array], jax.Array]:
@@ -155,29 +191,54 @@ def response_loss(model: Llama, micro: dict[str, jax.Array], normalizer: jax.Arr
     return -jnp.sum(logp * micro["weights"]) / normalizer
 
 
-def step_gradients(graphdef, lm_chunk: int, dtype, params, batch: dict[str, jax.Array], normalizer: jax.Array):
+def step_gradients(
+    graphdef,
+    lm_chunk: int,
+    dtype,
+    params,
+    batch: dict[str, jax.Array],
+    normalizer: jax.Array,
+    layout: StepLayout | None = None,
+):
     """Gradient of the step's loss, summed over the K micro-batches of `batch` [K, R, L] (`lax.scan`).
 
     Each micro-batch's loss is divided by the response tokens of the whole step, so K micro-batches
-    give the gradient of one batch of K x R rows. Returns (grads, loss).
+    give the gradient of one batch of K x R rows. The accumulator keeps the parameters' layout.
+    Returns (grads, loss).
     """
+    layout = layout or StepLayout()
 
     def loss_of(p, micro):
         cast = jax.tree.map(lambda x: x.astype(dtype), p)
-        return response_loss(nnx.merge(graphdef, cast), micro, normalizer, lm_chunk)
+        model = nnx.merge(graphdef, cast)
+        model.vocab_shards, model.remat = layout.vocab_shards, layout.remat
+        return response_loss(model, micro, normalizer, lm_chunk)
+
+    def constrain(tree):
+        return tree if layout.shardings is None else jax.lax.with_sharding_constraint(tree, layout.shardings)
 
     def accumulate(grads, micro):
         loss, g = jax.value_and_grad(loss_of)(params, micro)
-        return jax.tree.map(jnp.add, grads, g), loss
+        return constrain(jax.tree.map(jnp.add, grads, g)), loss
 
-    grads, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
+    grads, losses = jax.lax.scan(accumulate, constrain(jax.tree.map(jnp.zeros_like, params)), batch)
     return grads, jnp.sum(losses)
 
 
-def _train_step(graphdef, optimizer, lm_chunk, dtype, state, batch, normalizer):
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """How the step program lays out its state: the parameters' shardings (None = as they come),
+    the vocabulary shards of the LM head and the decoder-layer remat policy."""
+
+    shardings: Any = None
+    vocab_shards: int = 1
+    remat: str = "none"
+
+
+def _train_step(graphdef, optimizer, lm_chunk, dtype, layout, state, batch, normalizer):
     """(params, opt_state), batch [K, R, L] -> new (params, opt_state), metrics. Pure; compiled once."""
     params, opt_state = state
-    grads, loss = step_gradients(graphdef, lm_chunk, dtype, params, batch, normalizer)
+    grads, loss = step_gradients(graphdef, lm_chunk, dtype, params, batch, normalizer, layout)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": opt_state[1].hyperparams["learning_rate"]}
@@ -190,12 +251,23 @@ _COMPILED: dict[tuple, Any] = {}
 _COMPILED_MAX = 4
 
 
+def state_shardings(model_config: ModelConfig, config: TrainConfig, mesh, params, opt_state):
+    """NamedShardings of (params, opt_state) on `mesh`: the sharding table on `model`, FSDP over `data`."""
+    plan = sharding.ShardPlan.of(model_config, sharding.model_size(mesh))
+    fsdp = config.fsdp == "on"
+    return sharding.train_shardings(mesh, plan, params, fsdp), sharding.train_shardings(mesh, plan, opt_state, fsdp)
+
+
 def compiled_step(model_config: ModelConfig, config: TrainConfig, row_length: int, mesh, params, opt_state):
-    """The AOT-compiled train step for these shapes and this optimizer, and the programs compiled (0 = cached)."""
-    n_devices = mesh.devices.size
-    lm_chunk = max(8, config.lm_head_tokens // max(1, config.batch_rows // n_devices))
+    """The AOT-compiled train step for these shapes and this optimizer, and the programs compiled (0 = cached).
+
+    `config` is resolved (`TrainConfig.resolved`); params and opt_state may be arrays or
+    ShapeDtypeStructs (e.g. for the memory table: nothing is allocated to compile).
+    """
+    data = sharding.data_size(mesh)
+    lm_chunk = max(8, config.lm_head_tokens // max(1, config.batch_rows // data))
     program_fields = dataclasses.replace(config, seed=0, eos=False, bos=False, checkpoint_every=1, keep_checkpoints=1)
-    key = (model_config, program_fields, row_length, tuple(d.id for d in mesh.devices.flat), mesh.axis_names)
+    key = (model_config, program_fields, row_length, tuple(d.id for d in mesh.devices.flat), mesh.devices.shape)
     if key in _COMPILED:
         return _COMPILED[key], 0
     dtype = DTYPES[config.dtype]
@@ -211,12 +283,16 @@ def compiled_step(model_config: ModelConfig, config: TrainConfig, row_length: in
         "targets": ints,
         "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rows_sharding),
     }
+    shardings = state_shardings(model_config, config, mesh, params, opt_state)
     state_spec = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), (params, opt_state)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), (params, opt_state), shardings
     )
+    plan = sharding.ShardPlan.of(model_config, sharding.model_size(mesh))
+    layout = StepLayout(shardings[0], plan.vocab_shards, config.remat)
     step_fn = jax.jit(
-        functools.partial(_train_step, compute_graphdef, make_optimizer(config), lm_chunk, dtype),
-        out_shardings=(jax.tree.map(lambda _: replicated, (params, opt_state)), replicated),
+        functools.partial(_train_step, compute_graphdef, make_optimizer(config), lm_chunk, dtype, layout),
+        in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, batch_spec), replicated),
+        out_shardings=(shardings, replicated),
         donate_argnums=(0,),
     )
     compiled = step_fn.lower(
@@ -229,6 +305,9 @@ def compiled_step(model_config: ModelConfig, config: TrainConfig, row_length: in
 
 
 def merge_params(model: Llama, params, dtype: str = "float32") -> Llama:
-    """A model with `model`'s architecture and the given parameter state, cast to `dtype`."""
+    """A model with `model`'s architecture and the given parameter state, cast to `dtype` ("auto": by platform)."""
+    from nuggets_jax.models import resolve_dtype
+
+    dtype = resolve_dtype(dtype, jax.default_backend())
     graphdef = nnx.split(nnx.eval_shape(lambda: Llama(model.config, dtype=DTYPES[dtype])))[0]
     return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(x, DTYPES[dtype]), params))

@@ -38,9 +38,10 @@ from nuggets_jax.finetune.checkpoint import (
     save_checkpoint,
 )
 from nuggets_jax.finetune.data import Batch, DataOrder, Examples, FinetuneError, auto_row_length, make_batch
-from nuggets_jax.finetune.step import TrainConfig, compiled_step, make_optimizer
+from nuggets_jax.finetune.step import TrainConfig, compiled_step, make_optimizer, state_shardings
 from nuggets_jax.models.config import ModelConfig
 from nuggets_jax.models.llama import Llama
+from nuggets_jax.scoring import memory
 
 _LOG_NAME = "train_log.jsonl"
 
@@ -71,7 +72,14 @@ class TrainResult:
 
 
 def _restore(
-    run_dir: pathlib.Path, fingerprint: dict, model_config: ModelConfig, opt_template, fresh: bool, steps: int
+    run_dir: pathlib.Path,
+    fingerprint: dict,
+    model_config: ModelConfig,
+    params_template,
+    opt_template,
+    shardings,
+    fresh: bool,
+    steps: int,
 ):
     """(step, checkpoint, params, opt_state) of the newest checkpoint of this run, or None to start fresh.
 
@@ -84,7 +92,7 @@ def _restore(
     step, path = existing[-1]
     saved = json.loads((path / "trainer_state.json").read_text()).get("fingerprint", {})
     if saved == fingerprint:
-        params, opt_state, _ = load_checkpoint(path, model_config, opt_template)
+        params, opt_state, _ = load_checkpoint(path, model_config, params_template, opt_template, shardings)
         if opt_state is None and step < steps:
             raise FinetuneError(
                 f"{path}: has no optimizer state to resume from; delete it to resume from an older one."
@@ -145,11 +153,12 @@ def resolve_run(
     """
     config.validate()
     mesh = mesh or sharding.make_mesh()
-    n_devices = mesh.devices.size
-    if config.batch_rows % n_devices:
+    rows = sharding.data_size(mesh)
+    if config.batch_rows % rows:
+        where = f"{rows} devices" if rows == mesh.devices.size else f"mesh's {rows} data rows"
         raise FinetuneError(
-            f"train.batch_rows={config.batch_rows} must be a multiple of the {n_devices} devices; "
-            f"use {math.ceil(config.batch_rows / n_devices) * n_devices}."
+            f"train.batch_rows={config.batch_rows} must be a multiple of the {where}; "
+            f"use {math.ceil(config.batch_rows / rows) * rows}."
         )
     row_length = config.row_length or auto_row_length(examples)
     if int(examples.lengths.max()) > row_length:
@@ -159,7 +168,9 @@ def resolve_run(
         )
     fingerprint = {
         "config": {
-            k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoint_every", "keep_checkpoints")
+            k: v
+            for k, v in dataclasses.asdict(config).items()
+            if k not in ("checkpoint_every", "keep_checkpoints", "fsdp", "remat")  # layout, not results
         },
         "row_length": row_length,
         "examples": examples.digest(),
@@ -174,8 +185,10 @@ def _starting_state(model: Llama, spec: RunSpec, fresh: bool, log) -> tuple[int,
     # A copy: the compiled step donates its input buffers, and the caller keeps its model.
     params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), nnx.split(model)[1])
     opt_state = make_optimizer(spec.config).init(params)
+    shardings = state_shardings(model.config, spec.config, spec.mesh, params, opt_state)
+    params, opt_state = jax.device_put((params, opt_state), shardings)
     start, checkpoint = 0, None
-    restored = _restore(spec.run_dir, spec.fingerprint, model.config, opt_state, fresh, spec.config.steps)
+    restored = _restore(spec.run_dir, spec.fingerprint, model.config, params, opt_state, shardings, fresh, spec.config.steps)
     if restored is not None:
         start, checkpoint, params, opt_state = restored
         log(f"finetune: resuming {spec.run_dir} from step {start}")
@@ -274,6 +287,13 @@ def train(
     Raises:
       FinetuneError: bad config or a run directory that holds a different run.
     """
+    mesh = mesh or sharding.make_mesh()
+    config.validate()
+    config = config.resolved(
+        jax.default_backend(),
+        4 * memory.param_bytes(model.config, jnp.float32, sharding.model_size(mesh)),  # params, grads, 2 moments
+        memory.device_memory(mesh.devices.flat[0]),
+    )
     spec = resolve_run(config, examples, run_dir, mesh, fingerprint_extra)
     t_start = time.perf_counter()
     run_dir, row_length = spec.run_dir, spec.row_length
@@ -285,8 +305,6 @@ def train(
     order = DataOrder(examples.lengths, config.seed, config.batch_rows, row_length, config.micro_batches)
     order.skip(start)
     replicated = sharding.replicated(spec.mesh)
-    params = jax.device_put(params, replicated)
-    opt_state = jax.device_put(opt_state, replicated)
     if start >= config.steps:
         log(f"finetune: {run_dir} already finished ({start} steps)")
         return TrainResult(params, run_dir, final_path, history, start, 0, 0.0, 0.0, 0, 0.0, row_length, _fill(history))
@@ -295,8 +313,13 @@ def train(
     t0 = time.perf_counter()
     compiled, programs = compiled_step(model.config, config, row_length, spec.mesh, params, opt_state)
     compile_s = time.perf_counter() - t0
+    shardings = state_shardings(model.config, config, spec.mesh, params, opt_state)
+    per_device = sharding.bytes_per_device((params, opt_state), shardings)
+    mesh_shape = "x".join(str(n) for n in spec.mesh.devices.shape)
     log(
-        f"finetune: {len(examples.ids)} examples, {spec.mesh.devices.size} device(s), step = {config.micro_batches} x "
+        f"finetune: {len(examples.ids)} examples, {spec.mesh.devices.size} device(s) (data x model = {mesh_shape}, "
+        f"fsdp {config.fsdp}, remat {config.remat}, {config.dtype} compute; parameters and optimizer state "
+        f"{memory.gib(per_device)} per device), step = {config.micro_batches} x "
         f"{config.batch_rows} rows x {row_length} tokens, steps {start}->{config.steps}, "
         f"{programs} program(s) compiled in {compile_s:.1f}s"
     )
@@ -324,18 +347,18 @@ def train(
             if step % config.checkpoint_every == 0 or step == config.steps:
                 steps.finish(*pending)
                 pending = None
+                final_path = save_checkpoint(  # every process writes its own shards
+                    run_dir,
+                    step,
+                    graphdef_f32,
+                    state[0],
+                    state[1],
+                    {"fingerprint": spec.fingerprint, "stream_position": order.position, "row_length": row_length},
+                    hf_config,
+                    pathlib.Path(tokenizer_dir) if tokenizer_dir else None,
+                    with_optimizer=step < config.steps,
+                )
                 if sharding.is_main():
-                    final_path = save_checkpoint(
-                        run_dir,
-                        step,
-                        graphdef_f32,
-                        state[0],
-                        state[1],
-                        {"fingerprint": spec.fingerprint, "stream_position": order.position, "row_length": row_length},
-                        hf_config,
-                        pathlib.Path(tokenizer_dir) if tokenizer_dir else None,
-                        with_optimizer=step < config.steps,
-                    )
                     keep_newest(run_dir, config.keep_checkpoints)
                 last_saved = step
         if pending is not None:

@@ -170,6 +170,8 @@ class Llama(nnx.Module):
         # Shards of the vocabulary axis of the embedding and the LM head on the mesh's `model` axis
         # (`sharding.ShardPlan.vocab_shards`): >1 computes lookups and log-softmax shard by shard.
         self.vocab_shards = 1
+        # Recompute each decoder layer in the backward pass (training): "none", "full" or "dots".
+        self.remat = "none"
         d, vocab = config.hidden_size, config.vocab_size
         self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab, d), dtype))
         self.layers = DecoderStack(config, dtype=dtype, rngs=rngs)
@@ -195,6 +197,10 @@ class Llama(nnx.Module):
         def body(x, layer):
             params, kv = layer
             return _decoder_layer(config, params, x, cos, sin, attend, kv)
+
+        if self.remat != "none":
+            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
+            body = jax.checkpoint(body, policy=policy)
 
         kv_in = None if prefix is None else (prefix.keys, prefix.values)
         x, kv_out = jax.lax.scan(body, x, (self.layers.stacked(), kv_in))

@@ -240,30 +240,66 @@ def _hf_name(path: tuple[str, ...], layer: int | None) -> str:
     return "/".join(path)
 
 
-def save_params(model: Llama, model_dir: str | pathlib.Path, hf_config: dict) -> None:
-    """Writes `model` as a HF directory (config.json + model.safetensors), e.g. after fine-tuning."""
-    from safetensors.numpy import save_file
+def save_params(model: Llama, model_dir: str | pathlib.Path, hf_config: dict, write: bool = True) -> None:
+    """Writes `model` as a HF directory (config.json + model.safetensors), e.g. after fine-tuning.
 
+    Streams one tensor (one layer of a stacked parameter) at a time, so no process holds more than
+    one of them on the host: with parameters sharded over several processes every process must call
+    this (each tensor is gathered in turn) and only the one with `write` writes the file.
+    """
     model_dir = pathlib.Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    flat = {
-        path: np.asarray(jax.device_get(v[...] if hasattr(v, "__getitem__") else v))
-        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-    tensors = {}
+    flat = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    entries = []  # (HF name, parameter path, layer or None, transpose)
     for pattern, path, transpose in _KEY_TABLE:
-        if path not in flat:
-            continue
-        array = flat[path]
-        if path[0] == "layers":
-            for i in range(array.shape[0]):
-                name = pattern.replace("\\.", ".").replace("(\\d+)", str(i))
-                tensors[name] = np.ascontiguousarray(array[i].T if transpose else array[i])
-        else:
-            tensors[pattern.replace("\\.", ".")] = np.ascontiguousarray(array.T if transpose else array)
-    # safetensors.numpy has no bfloat16: store float32 (exact for bf16 weights).
-    tensors = {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in tensors.items()}
+        if path in flat:
+            name = pattern.replace("\\.", ".")
+            if path[0] == "layers":
+                entries += [(name.replace("(\\d+)", str(i)), path, i, transpose) for i in range(flat[path].shape[0])]
+            else:
+                entries.append((name, path, None, transpose))
+    entries.sort()
+    header, offset = {}, 0
+    for name, path, layer, transpose in entries:
+        shape = list(flat[path].shape[1:] if layer is not None else flat[path].shape)
+        shape = shape[::-1] if transpose else shape
+        dtype = _export_dtype(flat[path].dtype)
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
     tmp = model_dir / "model.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(model_dir / "model.safetensors")
-    (model_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    out = None
+    if write:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        out = open(tmp, "wb")
+        out.write(len(blob).to_bytes(8, "little") + blob)
+    try:
+        for name, path, layer, transpose in entries:
+            block = _host_copy(flat[path], layer)
+            if out is not None:
+                block = block.T if transpose else block
+                out.write(np.ascontiguousarray(block.astype(_export_dtype(block.dtype))).tobytes())
+    finally:
+        if out is not None:
+            out.close()
+    if write:
+        tmp.replace(model_dir / "model.safetensors")
+        (model_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+
+
+_SAFETENSORS_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def _export_dtype(dtype) -> np.dtype:
+    # Exported weights are float32 (exact for bf16/f16 weights, and what every reader takes).
+    return np.dtype(np.float32) if np.dtype(dtype).kind == "f" or dtype == ml_dtypes.bfloat16 else np.dtype(dtype)
+
+
+def _host_copy(array, layer: int | None) -> np.ndarray:
+    """One parameter (or one layer of a stacked one) on the host, gathered from every device that holds a part."""
+    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+        return np.asarray(jax.device_get(array if layer is None else array[layer]))
+    replicated = jax.sharding.NamedSharding(array.sharding.mesh, jax.sharding.PartitionSpec())
+    part = jax.jit(lambda a: a if layer is None else a[layer], out_shardings=replicated)(array)
+    return np.asarray(part.addressable_data(0))
