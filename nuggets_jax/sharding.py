@@ -152,6 +152,23 @@ class ShardPlan:
         return f"model parallel {self.degree}: " + "; ".join(parts)
 
 
+def kv_replicas(config, degree: int) -> int:
+    """How many copies of each KV head let the attention split at `degree` when the KV heads alone do
+    not divide it (Megatron's and maxtext's rule): degree / KV heads, when that is whole and the
+    query heads divide by the degree; 1 otherwise."""
+    k, h = config.num_kv_heads, config.num_heads
+    if degree <= 1 or k % degree == 0 or degree % k or h % degree:
+        return 1
+    return degree // k
+
+
+def scoring_config(config, degree: int):
+    """The model config the scoring job runs at model-parallel `degree`: KV heads replicated
+    (`kv_replicas`) where that lets the attention split; the same function of the inputs."""
+    r = kv_replicas(config, degree)
+    return config if r == 1 else dataclasses.replace(config, num_kv_heads=config.num_kv_heads * r)
+
+
 def _leaf_name(path) -> str:
     keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     keys = [k for k in keys if k not in ("value", "raw_value")]

@@ -347,7 +347,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
 
     # The base model and the held-out set, evaluated once.
     # float32 master weights, each process reading only its slices (training casts to train.dtype).
-    loaded = models.load_model(spec.model_path, dtype="float32", mesh=sharding.make_mesh(spec.mesh_model))
+    loaded = models.load_model(spec.model_path, dtype="float32", mesh=sharding.make_mesh(spec.mesh_model), replicate_kv=False)
     model_fingerprint = models.model_fingerprint(loaded.model_dir)
     held_out = _held_out(config.eval, spec, loaded, model_fingerprint, log)
     log(

@@ -291,7 +291,7 @@ def train(
     config.validate()
     config = config.resolved(
         jax.default_backend(),
-        4 * memory.param_bytes(model.config, jnp.float32, sharding.model_size(mesh)),  # params, grads, 2 moments
+        4 * memory.param_bytes(model.config, jnp.float32, sharding.model_size(mesh), replicate_kv=False),  # params, grads, 2 moments
         memory.device_memory(mesh.devices.flat[0]),
     )
     spec = resolve_run(config, examples, run_dir, mesh, fingerprint_extra)

@@ -130,7 +130,7 @@ def _from_hub(repo_id: str) -> pathlib.Path:
     return pathlib.Path(local)
 
 
-def load_model(path: str = "default", dtype: str = "float32", mesh=None) -> LoadedModel:
+def load_model(path: str = "default", dtype: str = "float32", mesh=None, replicate_kv: bool = True) -> LoadedModel:
     """Loads model parameters and tokenizer (see `resolve_model_dir` for what `path` may be).
 
     Args:
@@ -138,6 +138,9 @@ def load_model(path: str = "default", dtype: str = "float32", mesh=None) -> Load
       dtype: parameter dtype, "float32", "bfloat16", "float16" or "auto" (`resolve_dtype`).
       mesh: put the parameters straight into their layout on this (data, model) mesh, each process
         reading only its own slices (`load_params`); default: on the default device.
+      replicate_kv: with a mesh, repeat KV heads where that lets the attention split over `model`
+        (for scoring; training passes False). `LoadedModel.model.config` then has the repeated
+        count, `LoadedModel.config` the file's.
     Raises:
       ValueError (ModelLoadError, DefaultModelError, GGUFError, ModelConfigError, CheckpointError):
         a path, file or checkpoint that cannot be used; the message names it.
@@ -161,7 +164,7 @@ def load_model(path: str = "default", dtype: str = "float32", mesh=None) -> Load
             f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but config.json vocab_size is "
             f"{config.vocab_size}; tokenizer and weights do not belong together."
         )
-    model = load_params(model_dir, config, dtype=DTYPES[dtype], mesh=mesh)
+    model = load_params(model_dir, config, dtype=DTYPES[dtype], mesh=mesh, replicate_kv=replicate_kv)
     return LoadedModel(model, tokenizer, model_dir, config, hf_config)
 
 

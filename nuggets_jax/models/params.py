@@ -124,7 +124,11 @@ def _match(name: str) -> tuple[tuple[str, ...], int | None, bool] | None:
 
 
 def load_params(
-    model_dir: str | pathlib.Path, config: ModelConfig | None = None, dtype=jnp.float32, mesh=None
+    model_dir: str | pathlib.Path,
+    config: ModelConfig | None = None,
+    dtype=jnp.float32,
+    mesh=None,
+    replicate_kv: bool = True,
 ) -> Llama:
     """Builds a `Llama` in `dtype` from a HF model directory, strictly.
 
@@ -132,7 +136,9 @@ def load_params(
     anything is read. With a `mesh` each parameter is built straight into its layout of the
     sharding table (`sharding.ShardPlan`) by `jax.make_array_from_callback`: every process reads
     only the slices its own devices hold, nothing is compared across processes and no process
-    needs the whole model in host memory.
+    needs the whole model in host memory. With `replicate_kv` (for scoring: the copies of a KV
+    head would drift apart in training) each KV head is repeated `sharding.kv_replicas` times when
+    that lets the attention split over the mesh's `model` axis; the model computes the same function.
 
     Raises:
       CheckpointError: listing every missing, unexpected and wrong-shaped tensor at once.
@@ -143,6 +149,15 @@ def load_params(
     graphdef, state = nnx.split(abstract)
     expected = {path: v.shape for path, v in nnx.to_flat_state(state)}
     sources = _index_checkpoint(model_dir, config, expected)
+    replicas = sharding.kv_replicas(config, sharding.model_size(mesh)) if mesh is not None and replicate_kv else 1
+    if replicas > 1:
+        config = sharding.scoring_config(config, sharding.model_size(mesh))
+        abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        expected = {path: v.shape for path, v in nnx.to_flat_state(state)}
+        for name in ("k_proj", "v_proj", "k_bias", "v_bias"):
+            if ("layers", name) in sources:
+                sources["layers", name] = [(a, t, replicas, config.head_dim) for a, t in sources["layers", name]]
     targets = {}
     if mesh is not None:
         plan = sharding.ShardPlan.of(config, sharding.model_size(mesh))
@@ -161,8 +176,9 @@ def _value(x):
     return x.get_value() if hasattr(x, "get_value") else x
 
 
-# One parameter's source: (mapped array, transpose?) for a whole tensor, or one per layer.
-Source = tuple[np.ndarray, bool]
+# One parameter's source: (mapped array, transpose?[, KV replicas, head dim]) for a whole tensor,
+# or one per layer.
+Source = tuple
 
 
 def _index_checkpoint(
@@ -222,8 +238,21 @@ def _read(source: Source | list[Source], index: tuple[slice, ...], dtype) -> np.
         array, transpose = source
         return np.asarray((array.T if transpose else array)[index]).astype(dtype)
     layers = range(len(source))[index[0]]
-    out = [np.asarray((a.T if t else a)[index[1:]]).astype(dtype) for a, t in (source[i] for i in layers)]
+    out = [np.asarray(_oriented(source[i])[index[1:]]).astype(dtype) for i in layers]
     return np.stack(out) if out else np.empty((0,), dtype)
+
+
+def _oriented(source) -> np.ndarray:
+    """A layer's tensor in our layout ([in, out]); KV heads repeated in place when asked (each
+    head's copies side by side, so query head h still reads KV head h // groups)."""
+    array, transpose, *repeat = source
+    array = array.T if transpose else array
+    if not repeat:
+        return array
+    replicas, head_dim = repeat
+    heads = array.shape[-1] // head_dim
+    split = array.reshape(*array.shape[:-1], heads, head_dim)
+    return np.repeat(split, replicas, axis=-2).reshape(*array.shape[:-1], heads * replicas * head_dim)
 
 
 def _build(source, shape: tuple[int, ...], dtype, sharding) -> jax.Array:

@@ -242,6 +242,11 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     with timings.timed("load_s"):
         mesh = make_mesh(config, dtype, log)
         loaded = models.load_model(config.model.path, dtype=dtype, mesh=mesh)
+    if loaded.model.config.num_kv_heads != loaded.config.num_kv_heads:
+        log(
+            f"mesh: KV heads replicated {loaded.config.num_kv_heads} -> {loaded.model.config.num_kv_heads} "
+            f"so the attention splits over mesh.model={sharding.model_size(mesh)}"
+        )
     current = fingerprint(config, inputs, models.model_fingerprint(loaded.model_dir), spec.policy, dtype)
     check_fingerprint(workdir, current, config.fresh, store)
     if sharding.is_main():

@@ -42,8 +42,11 @@ def abstract_state(config: ModelConfig, dtype):
     return nnx.state(nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0))))
 
 
-def param_bytes(config: ModelConfig, dtype, degree: int) -> int:
-    """Parameter bytes per device at model-parallel `degree` under the sharding table."""
+def param_bytes(config: ModelConfig, dtype, degree: int, replicate_kv: bool = True) -> int:
+    """Parameter bytes per device at model-parallel `degree` under the sharding table (as the scoring
+    job lays them out: KV heads replicated where that lets the attention split, `replicate_kv`)."""
+    if replicate_kv:
+        config = sharding.scoring_config(config, degree)
     plan = sharding.ShardPlan.of(config, degree)
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state(config, dtype)):
