@@ -47,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.b2 = 0.999
     config.train.eps = 1e-8
     config.train.clip_norm = 1.0
-    config.train.dtype = "auto"  # compute dtype (auto: float32 on CPU, bfloat16 on GPU/TPU); master weights and optimizer state stay float32
+    # Compute dtype (auto: float32 on CPU, bfloat16 on GPU/TPU); master weights and optimizer state stay float32.
+    config.train.dtype = "auto"
     config.train.seed = 0  # data order
     config.train.eos = True
     config.train.bos = True
@@ -55,7 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Shard parameters, gradients and optimizer state over the data axis too; auto = when the replicated
     # state (16 bytes a parameter) would not fit a device (never on CPU).
     config.train.fsdp = "auto"
-    config.train.remat = "auto"  # recompute decoder layers in the backward: auto (none on CPU, full on GPU/TPU) | none | full | dots
+    config.train.remat = (
+        "auto"  # recompute decoder layers in the backward: auto (none on CPU, full on GPU/TPU) | none | full | dots
+    )
     config.train.checkpoint_every = 8
     config.train.keep_checkpoints = 1
 

@@ -276,9 +276,7 @@ def any_process(flags: np.ndarray) -> np.ndarray:
     return _allgather(flags, "any_process").any(axis=0)
 
 
-def merge_rows(
-    logp: np.ndarray, correct: np.ndarray, slice_bytes: int = 64 << 20
-) -> tuple[np.ndarray, np.ndarray]:
+def merge_rows(logp: np.ndarray, correct: np.ndarray, slice_bytes: int = 64 << 20) -> tuple[np.ndarray, np.ndarray]:
     """Every process holds the rows it scored of logp [N, T] (NaN elsewhere) and correct [N, T];
     returns all of them on every process (a row from the first process that has it).
 

@@ -151,7 +151,7 @@ def load_checkpoint(
         params = nnx.split(load_params(path, config, dtype=jnp.float32))[1]
         return params, None, state
     templates = {"params": params_template, "opt_state": opt_template}
-    target_shardings = dict(zip(templates, shardings)) if shardings is not None else {}
+    target_shardings = dict(zip(templates, shardings, strict=True)) if shardings is not None else {}
     target = {}
     for part, template in templates.items():
         names = _named_leaves(template)

@@ -29,9 +29,8 @@ from flax import nnx
 
 from nuggets_jax import data as data_lib
 from nuggets_jax import select as select_lib
-from nuggets_jax import sharding
+from nuggets_jax import sharding, synthetic
 from nuggets_jax import store as store_lib
-from nuggets_jax import synthetic
 from nuggets_jax.errors import UserError
 from nuggets_jax.finetune import data as finetune_data
 from nuggets_jax.finetune import evaluate as evaluate
@@ -250,8 +249,9 @@ def _held_out(eval_config, spec: ComparisonSpec, loaded, model_fingerprint: str,
         log(f"compare: warning: {overlap} eval example(s) repeat a pool example's instruction and input")
     base_model = finetune_step.merge_params(loaded.model, nnx.split(loaded.model)[1], spec.train.dtype)
     evaluator = evaluate.Evaluator(
-        base_model, loaded.tokenizer, records, spec.template, eval_config.max_tokens, spec.train.bos, log=log
-    )
+        base_model, loaded.tokenizer, records, spec.template, eval_config.max_tokens, spec.train.bos,
+        mesh=sharding.make_mesh(spec.mesh_model), log=log,
+    )  # fmt: skip
     key = {
         "model": model_fingerprint,
         "dtype": spec.train.dtype,
@@ -347,7 +347,9 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
 
     # The base model and the held-out set, evaluated once.
     # float32 master weights, each process reading only its slices (training casts to train.dtype).
-    loaded = models.load_model(spec.model_path, dtype="float32", mesh=sharding.make_mesh(spec.mesh_model), replicate_kv=False)
+    loaded = models.load_model(
+        spec.model_path, dtype="float32", mesh=sharding.make_mesh(spec.mesh_model), replicate_kv=False
+    )
     model_fingerprint = models.model_fingerprint(loaded.model_dir)
     held_out = _held_out(config.eval, spec, loaded, model_fingerprint, log)
     log(

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from nuggets_jax import data as data_lib
-from nuggets_jax import sharding
 from nuggets_jax.errors import UserError
 from nuggets_jax.models.llama import Llama
 from nuggets_jax.scoring import engine as scoring
@@ -214,7 +213,7 @@ class Evaluator:
             if jax.tree_util.tree_structure(params) != self._leaves:
                 raise EvalError("the parameter state does not match the evaluated model's architecture.")
             cast = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)
-            state = jax.device_put(cast, sharding.replicated(self.mesh))
+            state = jax.device_put(cast, self.engine.state_shardings)  # the programs' layout
         # The engine's programs take the state as an argument: same shapes, no recompilation.
         self.engine.state = state
         try:

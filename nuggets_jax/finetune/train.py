@@ -188,7 +188,9 @@ def _starting_state(model: Llama, spec: RunSpec, fresh: bool, log) -> tuple[int,
     shardings = state_shardings(model.config, spec.config, spec.mesh, params, opt_state)
     params, opt_state = jax.device_put((params, opt_state), shardings)
     start, checkpoint = 0, None
-    restored = _restore(spec.run_dir, spec.fingerprint, model.config, params, opt_state, shardings, fresh, spec.config.steps)
+    restored = _restore(
+        spec.run_dir, spec.fingerprint, model.config, params, opt_state, shardings, fresh, spec.config.steps
+    )
     if restored is not None:
         start, checkpoint, params, opt_state = restored
         log(f"finetune: resuming {spec.run_dir} from step {start}")
@@ -291,7 +293,10 @@ def train(
     config.validate()
     config = config.resolved(
         jax.default_backend(),
-        4 * memory.param_bytes(model.config, jnp.float32, sharding.model_size(mesh), replicate_kv=False),  # params, grads, 2 moments
+        4
+        * memory.param_bytes(
+            model.config, jnp.float32, sharding.model_size(mesh), replicate_kv=False
+        ),  # params, grads, 2 moments
         memory.device_memory(mesh.devices.flat[0]),
     )
     spec = resolve_run(config, examples, run_dir, mesh, fingerprint_extra)

@@ -14,13 +14,13 @@ from typing import Any
 import jax.numpy as jnp
 
 from nuggets_jax.errors import UserError
-from nuggets_jax.store import StoreError, atomic_write_bytes
 from nuggets_jax.models.attention import TaskWindows
 from nuggets_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelConfigError
 from nuggets_jax.models.default import DefaultModelError, cache_root, ensure_default_model
 from nuggets_jax.models.gguf import GGUFError, conversion_lock, convert_gguf, file_sha256, is_converted
 from nuggets_jax.models.llama import Llama, PrefixCache
 from nuggets_jax.models.params import CheckpointError, checkpoint_files, load_params, save_params
+from nuggets_jax.store import StoreError, atomic_write_bytes
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -52,6 +52,8 @@ def resolve_dtype(name: str, platform: str) -> str:
     if name == "auto":
         return "float32" if platform == "cpu" else "bfloat16"
     return name
+
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

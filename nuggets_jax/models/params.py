@@ -8,6 +8,7 @@ wrong-shaped tensor is reported in one error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import pathlib
@@ -298,20 +299,16 @@ def save_params(model: Llama, model_dir: str | pathlib.Path, hf_config: dict, wr
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = model_dir / "model.safetensors.tmp"
-    out = None
     if write:
         model_dir.mkdir(parents=True, exist_ok=True)
-        out = open(tmp, "wb")
-        out.write(len(blob).to_bytes(8, "little") + blob)
-    try:
-        for name, path, layer, transpose in entries:
-            block = _host_copy(flat[path], layer)
+    with open(tmp, "wb") if write else contextlib.nullcontext() as out:
+        if out is not None:
+            out.write(len(blob).to_bytes(8, "little") + blob)
+        for _, path, layer, transpose in entries:
+            block = _host_copy(flat[path], layer)  # every process takes part in the gather
             if out is not None:
                 block = block.T if transpose else block
                 out.write(np.ascontiguousarray(block.astype(_export_dtype(block.dtype))).tobytes())
-    finally:
-        if out is not None:
-            out.close()
     if write:
         tmp.replace(model_dir / "model.safetensors")
         (model_dir / "config.json").write_text(json.dumps(hf_config, indent=2))

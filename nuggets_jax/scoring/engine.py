@@ -349,7 +349,8 @@ class Engine:
         span = "task windows of " + "/".join(str(w.shape[1]) for w in self.layout.groups[0].window_index)
         mesh = "x".join(str(n) for n in self.mesh.devices.shape)
         return (
-            f"engine: {self.mesh.devices.size} device(s) (mesh data x model = {mesh}), C={self.slots} candidates/call, rows {r}x{length} "
+            f"engine: {self.mesh.devices.size} device(s) (mesh data x model = {mesh}), "
+            f"C={self.slots} candidates/call, rows {r}x{length} "
             f"(fill {self.layout.fill:.0%}, {len(self.layout.groups)} group(s)), attention over {span}, "
             f"prefix buckets {self.buckets}, "
             f"{self.programs} programs compiled in {self.compile_s:.1f}s"
@@ -506,7 +507,6 @@ def _place(state, shardings):
 
     placed = [place(x, s) for x, s in zip(leaves, targets, strict=True)]
     return jax.tree.unflatten(treedef, placed)
-
 
 
 def prefix_lengths_of(prefixes: TokenizedPrefixes) -> list[int]:

@@ -112,7 +112,9 @@ def validate(config) -> ScoreSpec:
     if config.model.dtype not in (*DTYPES, "auto"):
         raise JobError(f"unknown model.dtype {config.model.dtype!r}; choose auto or one of: {', '.join(DTYPES)}.")
     if mesh_degree(config) < 0:
-        raise JobError(f"mesh.model={mesh_degree(config)}: use 1 (data parallel), a model-parallel degree, or 0 (auto).")
+        raise JobError(
+            f"mesh.model={mesh_degree(config)}: use 1 (data parallel), a model-parallel degree, or 0 (auto)."
+        )
     policy = token_policy(config)
     selection = select_lib.SelectionRule.from_config(config.select)
     if config.scoring.candidates_per_device < 1 or config.scoring.tokens_per_device < 0:

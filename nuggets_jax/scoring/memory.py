@@ -51,7 +51,10 @@ def param_bytes(config: ModelConfig, dtype, degree: int, replicate_kv: bool = Tr
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state(config, dtype)):
         spec = plan.spec(sharding._leaf_name(path))
-        shape = [n // degree if axis == "model" else n for n, axis in zip(leaf.shape, [*spec, *[None] * 8])]
+        shape = [
+            n // degree if axis == "model" else n
+            for n, axis in zip(leaf.shape, [*spec, *[None] * 8][: len(leaf.shape)], strict=True)
+        ]
         total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
     return total
 
