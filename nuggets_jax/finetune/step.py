@@ -39,7 +39,7 @@ class TrainConfig:
 
     Attributes:
       steps: optimizer steps.
-      batch_rows: packed rows per micro-batch over all devices (a multiple of the device count).
+      batch_rows: packed rows per micro-batch over all devices (a multiple of the mesh's data rows).
       micro_batches: micro-batches accumulated per optimizer step.
       row_length: tokens per packed row; 0 = the smallest multiple of 64 that holds the longest example.
       max_tokens: examples are cut to their first `max_tokens` tokens (response tokens past it are dropped).
@@ -102,6 +102,8 @@ class TrainConfig:
             raise FinetuneError(f"unknown train.fsdp {self.fsdp!r}; choose auto, on or off.")
         if self.remat not in REMAT_POLICIES:
             raise FinetuneError(f"unknown train.remat {self.remat!r}; choose one of: {', '.join(REMAT_POLICIES)}.")
+        if not self.clip_norm > 0:
+            raise FinetuneError(f"train.clip_norm must be > 0, got {self.clip_norm}.")
 
     def resolved(self, platform: str, state_bytes: int | None = None, memory_limit: int | None = None) -> TrainConfig:
         """The "auto" fields decided: dtype and remat by platform, FSDP (once `state_bytes`, the
@@ -115,8 +117,6 @@ class TrainConfig:
             fsdp = "on" if memory_limit is not None and state_bytes > PARAM_SHARE * memory_limit else "off"
         remat = self.remat if self.remat != "auto" else ("full" if accel else "none")
         return dataclasses.replace(self, dtype=resolve_dtype(self.dtype, platform), fsdp=fsdp, remat=remat)
-        if not self.clip_norm > 0:
-            raise FinetuneError(f"train.clip_norm must be > 0, got {self.clip_norm}.")
 
 
 # Decoder-layer rematerialisation: the policy of `jax.checkpoint` (None = save nothing of a layer).
