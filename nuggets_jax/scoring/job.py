@@ -336,11 +336,16 @@ def tokenize(tokenizer, inputs: Inputs, spec: ScoreSpec, log: Callable[[str], No
     tasks = data_lib.tokenize_tasks(tokenizer, inputs.tasks, spec.template, policy, inputs.tasks_source)
     prefixes = data_lib.tokenize_prefixes(tokenizer, inputs.pool, spec.template, policy)
     log(
-        f"data: {len(inputs.pool)} candidates ({int(prefixes.cut.sum())} cut at {policy.max_prefix_tokens} "
-        f"tokens), {len(inputs.tasks)} tasks ({int(tasks.cut.sum())} cut at {policy.max_task_tokens}), "
+        f"data: {len(inputs.pool)} candidates ({_cuts(prefixes.cut, policy.max_prefix_tokens)}), "
+        f"{len(inputs.tasks)} tasks ({_cuts(tasks.cut, policy.max_task_tokens)}), "
         f"{int(tasks.n_tokens.sum())} response tokens scored per candidate"
     )
     return tasks, prefixes
+
+
+def _cuts(cut: np.ndarray, limit: int | None) -> str:
+    """"3 cut at 512 tokens", or "not cut" when there is no limit."""
+    return "not cut" if limit is None else f"{int(cut.sum())} cut at {limit} tokens"
 
 
 def build_engine(spec: ScoreSpec, model, tasks, prefixes, store: store_lib.ScoreStore, log, mesh=None):
