@@ -191,9 +191,11 @@ def test_model_parallel_two_processes_equal_one_device(model_parallel_pair, one_
     workdir, outs = model_parallel_pair
     run = json.loads((workdir / "run.json").read_text())
     assert run["mesh"] == {"data": 2, "model": 4}
-    # The tiny model's MLP width (64) and vocabulary (320) divide by 4; its 2 KV heads do not.
+    # The tiny model's MLP width (64) and vocabulary (320) divide by 4; its 2 KV heads do not, so they are copied.
     for out in outs:
-        assert "mlp split; vocabulary split; attention whole on each device (KV heads 2 not divisible by 4)" in out
+        # 2 KV heads are replicated to 4 so the attention splits too (sharding.kv_replicas).
+        assert "KV heads replicated 2 -> 4" in out
+        assert "attention split; mlp split; vocabulary split" in out
     single_run = json.loads((one_device / "run.json").read_text())
     assert run["param_bytes_per_device"] < single_run["param_bytes_per_device"]
 
