@@ -212,6 +212,7 @@ def step_gradients(
         cast = jax.tree.map(lambda x: x.astype(dtype), p)
         model = nnx.merge(graphdef, cast)
         model.vocab_shards, model.remat = layout.vocab_shards, layout.remat
+        model.activation_sharding = layout.activations
         return response_loss(model, micro, normalizer, lm_chunk)
 
     def constrain(tree):
@@ -228,11 +229,14 @@ def step_gradients(
 @dataclasses.dataclass(frozen=True)
 class StepLayout:
     """How the step program lays out its state: the parameters' shardings (None = as they come),
-    the vocabulary shards of the LM head and the decoder-layer remat policy."""
+    the vocabulary shards of the LM head, the decoder-layer remat policy and the residual stream's
+    layout (rows over `data`: with FSDP, XLA then gathers each layer's weights instead of summing
+    partial activations of the whole batch on every device)."""
 
     shardings: Any = None
     vocab_shards: int = 1
     remat: str = "none"
+    activations: Any = None  # NamedSharding of the [1, R, L, D] residual stream (rows over `data`)
 
 
 def _train_step(graphdef, optimizer, lm_chunk, dtype, layout, state, batch, normalizer):
@@ -288,7 +292,8 @@ def compiled_step(model_config: ModelConfig, config: TrainConfig, row_length: in
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), (params, opt_state), shardings
     )
     plan = sharding.ShardPlan.of(model_config, sharding.model_size(mesh))
-    layout = StepLayout(shardings[0], plan.vocab_shards, config.remat)
+    activations = NamedSharding(mesh, PartitionSpec(None, "data", None, None))
+    layout = StepLayout(shardings[0], plan.vocab_shards, config.remat, activations)
     step_fn = jax.jit(
         functools.partial(_train_step, compute_graphdef, make_optimizer(config), lm_chunk, dtype, layout),
         in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, batch_spec), replicated),

@@ -172,6 +172,9 @@ class Llama(nnx.Module):
         self.vocab_shards = 1
         # Recompute each decoder layer in the backward pass (training): "none", "full" or "dots".
         self.remat = "none"
+        # Training with FSDP: the layout of the [C, R, L, D] residual stream (rows over `data`), pinned
+        # at every layer so XLA gathers the weights rather than all-reducing activations; None = free.
+        self.activation_sharding = None
         d, vocab = config.hidden_size, config.vocab_size
         self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab, d), dtype))
         self.layers = DecoderStack(config, dtype=dtype, rngs=rngs)
@@ -194,9 +197,14 @@ class Llama(nnx.Module):
         config = self.config
         cos, sin = _rope_tables(config, positions, self.dtype)
 
+        pin = self.activation_sharding
+
         def body(x, layer):
             params, kv = layer
-            return _decoder_layer(config, params, x, cos, sin, attend, kv)
+            if pin is not None:
+                x = jax.lax.with_sharding_constraint(x, pin)
+            x, kv = _decoder_layer(config, params, x, cos, sin, attend, kv)
+            return (x if pin is None else jax.lax.with_sharding_constraint(x, pin)), kv
 
         if self.remat != "none":
             policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
