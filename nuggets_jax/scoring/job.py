@@ -344,7 +344,7 @@ def tokenize(tokenizer, inputs: Inputs, spec: ScoreSpec, log: Callable[[str], No
 
 
 def _cuts(cut: np.ndarray, limit: int | None) -> str:
-    """"3 cut at 512 tokens", or "not cut" when there is no limit."""
+    """ "3 cut at 512 tokens", or "not cut" when there is no limit."""
     return "not cut" if limit is None else f"{int(cut.sum())} cut at {limit} tokens"
 
 
