@@ -11,12 +11,15 @@ last. Non-finite metric values are written as JSON null.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fractions
+import hashlib
 import json
 import math
 import os
 import pathlib
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +30,11 @@ from nuggets_jax.errors import UserError
 
 # Record fields that are the example itself; everything else is carried into ranking.jsonl.
 _EXAMPLE_FIELDS = ("instruction", "input", "output", "id")
+# Source columns that are the example itself; ranking.parquet carries every other column.
+_TABLE_EXAMPLE_FIELDS = ("id", "instruction", "input", "output", "system", "history", "messages", "conversations")
 GOLDEN_FIELD = "nuggets"
+# What `write_golden_as` writes, one per pool format: json (and generated pools), jsonl, parquet, datasets dir.
+GOLDEN_NAMES = ("golden.json", "golden.jsonl", "golden.parquet", "golden")
 _CRITERIA = ("top_n", "top_fraction", "threshold")
 DEFAULT_TOP_FRACTION = 0.1  # the golden set when the config sets no criterion
 
@@ -304,6 +311,20 @@ def write_golden(
       SelectionError: bad metrics, out-of-range or repeated indices, or a record that already has
         a "nuggets" field.
     """
+    output = [
+        {**records[index], GOLDEN_FIELD: scores}
+        for index, scores in _golden_scores(records, selected, metrics, rank_metric)
+    ]
+    return _write_atomically(path, json.dumps(output, ensure_ascii=False, indent=2) + "\n")
+
+
+def _golden_scores(
+    records: Sequence[Mapping[str, Any]],
+    selected: Sequence[int] | np.ndarray,
+    metrics: Mapping[str, np.ndarray],
+    rank_metric: str,
+) -> list[tuple[int, dict[str, Any]]]:
+    """(candidate index, `{"rank", <metrics>}`) of the golden set, in rank order, validated."""
     checked = _check_metrics(records, metrics, rank_metric)
     rank_of = ranks(checked[rank_metric])
     chosen = np.asarray(selected)
@@ -324,23 +345,33 @@ def write_golden(
             )
         scores = {"rank": int(rank_of[index])}
         scores.update({name: _json_number(values[index]) for name, values in checked.items()})
-        output.append({**record, GOLDEN_FIELD: scores})
-    return _write_atomically(path, json.dumps(output, ensure_ascii=False, indent=2) + "\n")
+        output.append((index, scores))
+    return output
 
 
-def read_golden(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Reads golden.json back as plain records (the "nuggets" scores removed), in rank order.
+def read_golden(path: str | os.PathLike[str], *, keep_scores: bool = False) -> list[dict[str, Any]]:
+    """Reads a golden set back as plain records (the "nuggets" scores removed), in rank order.
 
     Args:
-      path: a file written by `write_golden`.
+      path: a golden file of any kind `write_golden_as` writes: golden.json, golden.jsonl,
+        golden.parquet or the golden/ datasets directory.
+      keep_scores: keep each record's "nuggets" scores (`{"rank", <metrics>}`).
 
     Returns:
       The records with their original fields, usable as a pool or training file.
 
     Raises:
-      SelectionError: the file is not a JSON list of objects.
+      SelectionError: the file is not a list of objects (JSON) or not readable.
     """
     path = pathlib.Path(path)
+    if data_lib.files.file_kind(path) != "json":
+        objects = data_lib.read_objects(path, "the golden set path", error=SelectionError, what="golden set")
+        records = []
+        for where, item in objects:
+            if not isinstance(item, dict):
+                raise SelectionError(f"{where}: expected a JSON object, got {type(item).__name__}; rerun the scoring")
+            records.append(item if keep_scores else {k: v for k, v in item.items() if k != GOLDEN_FIELD})
+        return records
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -351,5 +382,246 @@ def read_golden(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for index, item in enumerate(data):
         if not isinstance(item, dict):
             raise SelectionError(f"{path}: record {index} is {type(item).__name__}, expected a JSON object")
-        records.append({key: value for key, value in item.items() if key != GOLDEN_FIELD})
+        records.append(item if keep_scores else {key: value for key, value in item.items() if key != GOLDEN_FIELD})
     return records
+
+
+def golden_path(workdir: str | os.PathLike[str]) -> pathlib.Path:
+    """The golden set a scoring run wrote into `workdir`: golden.json, .jsonl, .parquet or golden/.
+
+    Raises:
+      SelectionError: the workdir holds none of them.
+    """
+    workdir = pathlib.Path(workdir)
+    for name in GOLDEN_NAMES:
+        if (workdir / name).exists():
+            return workdir / name
+    raise SelectionError(
+        f"{workdir}: no golden set ({', '.join(GOLDEN_NAMES)}/); run the scoring into this workdir first"
+    )
+
+
+def write_golden_as(
+    workdir: str | os.PathLike[str],
+    source: str | os.PathLike[str] | None,
+    records: Sequence[Mapping[str, Any]],
+    selected: Sequence[int] | np.ndarray,
+    metrics: Mapping[str, np.ndarray],
+    rank_metric: str,
+) -> pathlib.Path:
+    """Writes the golden set into `workdir` in the pool's own format, best first, with its scores.
+
+    json (or a generated pool): golden.json (`write_golden`). jsonl: golden.jsonl, the same
+    objects one a line. parquet: golden.parquet, the selected source rows whole plus a `nuggets`
+    struct column `{rank: int64, <metric>: float64}` (null for a non-finite value). A datasets
+    directory: golden/, a save_to_disk directory of those rows (`datasets.load_from_disk` reads it).
+    Golden files of the other kinds left in `workdir` by an earlier run are removed.
+
+    Args:
+      workdir: the run's workdir.
+      source: the pool file or directory; None for a generated pool.
+      records: [C] candidate records; candidate i is row i of `source` (the pool is only cut to
+        its first C rows).
+      selected: indices of the golden set; written in rank order.
+      metrics: metric name -> [C] values.
+      rank_metric: the metric the ranks refer to.
+
+    Returns:
+      The path written.
+
+    Raises:
+      SelectionError: bad metrics or indices, a record or source row that already has a
+        "nuggets" field, or a source that changed since it was read.
+    """
+    workdir = pathlib.Path(workdir)
+    kind = "json" if source is None else data_lib.files.file_kind(source)
+    if kind == "json":
+        path = write_golden(workdir / "golden.json", records, selected, metrics, rank_metric)
+    elif kind == "jsonl":
+        scored = _golden_scores(records, selected, metrics, rank_metric)
+        lines = [json.dumps({**records[i], GOLDEN_FIELD: scores}, ensure_ascii=False) + "\n" for i, scores in scored]
+        path = _write_atomically(workdir / "golden.jsonl", "".join(lines))
+    else:
+        import pyarrow as pa
+
+        scored = _golden_scores(records, selected, metrics, rank_metric)
+        positions = [index for index, _ in scored]
+        table = _source_rows(source, records, positions)
+        if GOLDEN_FIELD in table.column_names:
+            raise SelectionError(
+                f"{source}: already has a {GOLDEN_FIELD!r} column; drop it from the input "
+                "(read_golden strips it from a golden set)"
+            )
+        names = list(scored[0][1]) if scored else ["rank", *_check_metrics(records, metrics, rank_metric)]
+        nuggets = pa.StructArray.from_arrays(
+            [pa.array([s[name] for _, s in scored], pa.int64() if name == "rank" else pa.float64()) for name in names],
+            names=names,
+        )
+        table = table.append_column(GOLDEN_FIELD, nuggets)
+        table = table.replace_schema_metadata(_golden_metadata(table.schema.metadata, names))
+        if kind == "parquet":
+            path = _write_parquet(workdir / "golden.parquet", table)
+        else:
+            path = _write_dataset_dir(workdir / "golden", table)
+    for name in GOLDEN_NAMES:
+        if workdir / name != path:
+            _remove(workdir / name)
+    return path
+
+
+def write_ranking_table(
+    workdir: str | os.PathLike[str],
+    source: str | os.PathLike[str] | None,
+    records: Sequence[Mapping[str, Any]],
+    metrics: Mapping[str, np.ndarray],
+    rank_metric: str,
+) -> pathlib.Path | None:
+    """For a Parquet or datasets-directory pool, writes ranking.parquet beside ranking.jsonl.
+
+    Columns: rank (int64), id, every metric (float64, null for a non-finite value), then every
+    source column but the example ones (id, instruction, input, output, system, history,
+    messages, conversations); one row per candidate, best first, taken with Arrow `take`. A json
+    or jsonl pool (or a generated one) gets none, and a ranking.parquet of an earlier run is removed.
+
+    Args:
+      workdir: the run's workdir.
+      source: the pool file or directory; None for a generated pool.
+      records: [C] candidate records; candidate i is row i of `source`.
+      metrics: metric name -> [C] values.
+      rank_metric: the metric that orders the rows.
+
+    Returns:
+      The path written, or None.
+
+    Raises:
+      SelectionError: bad metrics, a source column whose name clashes with "rank" or a metric,
+        or a source that changed since it was read.
+    """
+    workdir = pathlib.Path(workdir)
+    path = workdir / "ranking.parquet"
+    if source is None or data_lib.files.file_kind(source) not in ("parquet", "hf"):
+        _remove(path)
+        return None
+    import pyarrow as pa
+
+    checked = _check_metrics(records, metrics, rank_metric)
+    order = rank_order(checked[rank_metric])
+    names = data_lib.files.read_schema(source).names
+    carried = [name for name in names if name not in _TABLE_EXAMPLE_FIELDS]
+    for name in carried:
+        if name in {"rank", *checked}:
+            raise SelectionError(
+                f"{source}: column {name!r} clashes with a ranking column; rename it in the input file"
+            )
+    rows = _source_rows(source, records, order.tolist(), columns=["id", *carried])
+    ids = [_record_id(records[i], int(i)) for i in order]
+    try:
+        id_column = pa.array(ids)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # ids of mixed types
+        id_column = pa.array([str(i) for i in ids])
+    columns = {"rank": pa.array(ranks(checked[rank_metric])[order], pa.int64()), "id": id_column}
+    for name, values in checked.items():
+        columns[name] = pa.array([_json_number(v) for v in values[order]], pa.float64())
+    table = pa.table(columns)
+    for name in carried:
+        table = table.append_column(rows.schema.field(name), rows.column(name))
+    return _write_parquet(path, table)
+
+
+def _source_rows(source, records: Sequence[Mapping[str, Any]], positions: Sequence[int], columns=None):
+    """The source rows of these candidates (a pyarrow Table), checked against the records read."""
+    table = data_lib.files.read_rows(source, positions, columns=columns)
+    if "id" in table.column_names:
+        # The records were read from this source at the start of the run; a file replaced since
+        # would pair the scores with other rows.
+        found = table.column("id").to_pylist()
+        for index, row_id in zip(positions, found, strict=True):
+            if row_id is not None and row_id != records[index].get("id", row_id):
+                raise SelectionError(
+                    f"{source}: row {index} has id {row_id!r}, but the scored record {index} was "
+                    f"{records[index].get('id')!r}; the file changed during the run, score it again"
+                )
+    return table
+
+
+def _golden_metadata(metadata: Mapping[bytes, bytes] | None, names: Sequence[str]) -> dict[bytes, bytes] | None:
+    """Schema metadata with the `nuggets` column added to HF `datasets` features, when they are there."""
+    if not metadata or b"huggingface" not in metadata:
+        return dict(metadata) if metadata else None
+    try:
+        hf = json.loads(metadata[b"huggingface"])
+        features = hf["info"]["features"]
+    except (ValueError, KeyError, TypeError):
+        return {k: v for k, v in metadata.items() if k != b"huggingface"}
+    if isinstance(features, dict):
+        hf["info"]["features"] = {**features, GOLDEN_FIELD: _golden_features(names)}
+    return {**metadata, b"huggingface": json.dumps(hf).encode()}
+
+
+def _golden_features(names: Sequence[str]) -> dict[str, Any]:
+    """HF `datasets` features of the `nuggets` struct (as `Features.to_dict` writes them)."""
+    return {name: {"dtype": "int64" if name == "rank" else "float64", "_type": "Value"} for name in names}
+
+
+def _write_parquet(path: pathlib.Path, table) -> pathlib.Path:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_dataset_dir(path: pathlib.Path, table) -> pathlib.Path:
+    """A save_to_disk directory of `table`: one Arrow stream file, state.json, dataset_info.json.
+
+    dataset_info.json's features are those of the schema metadata (the source's, `nuggets` added
+    by `_golden_metadata`), which `datasets.load_from_disk` checks against the Arrow schema; without
+    them, datasets infers the features from the schema.
+    """
+    import pyarrow as pa
+
+    data_name = "data-00000-of-00001.arrow"
+    tmp_dir = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        with pa.OSFile(str(tmp_dir / data_name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        info = {"citation": "", "description": "", "homepage": "", "license": ""}
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            info["features"] = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+        state = {
+            "_data_files": [{"filename": data_name}],
+            "_fingerprint": hashlib.sha256((tmp_dir / data_name).read_bytes()).hexdigest()[:16],
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        for name, content in (("dataset_info.json", info), ("state.json", state)):
+            (tmp_dir / name).write_text(json.dumps(content, indent=2, sort_keys=name == "state.json") + "\n")
+        # Swap in the new directory; a reader sees the old one, briefly none, then the new one.
+        old_dir = path.with_name(f".{path.name}.{os.getpid()}.old")
+        if path.exists():
+            os.replace(path, old_dir)
+        os.replace(tmp_dir, path)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return path
+
+
+def _remove(path: pathlib.Path) -> None:
+    """Removes an output of an earlier run (a file or a directory), if there is one."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -188,7 +188,7 @@ def real_run(config, workdir: pathlib.Path, pool_path: pathlib.Path, scores: dic
         log(f"real run: reusing {run_path}")
     else:
         run = job.run_score(cfg, out, log=log)
-    golden = select_lib.read_golden(out / "golden.json")
+    golden = select_lib.read_golden(select_lib.golden_path(out))
     truth = select_lib.SelectionRule(top_fraction=r.fraction).select(_values(r.metric, scores).mean(axis=1))
     truth_ids = {str(scores["candidate_ids"][i]) for i in truth}
     exact_one_shot = exact_run_json.get("one_shot", {})

@@ -277,11 +277,14 @@ def write_outputs(
     metric: str,
     config: AdaptiveConfig,
     rule: Rule,
+    source: str | pathlib.Path | None = None,
 ) -> dict[str, Any]:
-    """Writes golden.json, ranking.jsonl (by the adaptive estimate) and adaptive.jsonl; returns `summary`.
+    """Writes the golden set, ranking.jsonl (by the adaptive estimate) and adaptive.jsonl; returns `summary`.
 
-    golden.json and ranking.jsonl carry, besides the estimate as `metric`, the interval
-    (`adaptive_lower`, `adaptive_upper`) and `adaptive_tasks` (tasks scored).
+    The golden set (golden.json, or the pool's format: `select.write_golden_as`; `source` is the
+    pool path, None for a generated pool), ranking.jsonl (and ranking.parquet for a Parquet or
+    datasets pool) carry, besides the estimate as `metric`, the interval (`adaptive_lower`,
+    `adaptive_upper`) and `adaptive_tasks` (tasks scored).
     """
     workdir = pathlib.Path(workdir)
     columns = {
@@ -291,7 +294,8 @@ def write_outputs(
         "adaptive_tasks": decisions.tasks_scored.astype(np.float64),
     }
     select_lib.write_ranking(workdir / "ranking.jsonl", records, columns, metric)
-    select_lib.write_golden(workdir / "golden.json", records, decisions.selected, columns, metric)
+    select_lib.write_ranking_table(workdir, source, records, columns, metric)
+    select_lib.write_golden_as(workdir, source, records, decisions.selected, columns, metric)
     ids = [r.get("id", i) for i, r in enumerate(records)]
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in report_rows(decisions, ids))
     store_lib.atomic_write_bytes(workdir / "adaptive.jsonl", text.encode())
