@@ -40,6 +40,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pool = "default"  # .json/.jsonl; "default" = the generated pool (nuggets_jax.synthetic)
     config.data.tasks = "default"  # the predefined task set; "default" = generated held-out tasks
     config.data.max_candidates = 0  # score only the first N candidates (0 = all)
+    # Record form of pool and tasks: auto (per file, from the first record) | alpaca | messages | sharegpt.
+    config.data.format = "auto"
+    # "text": the prompt template below (the paper's); "chat": the model's own chat template, each
+    # assistant turn scored (its content and the end-of-turn text the template writes after it).
+    config.data.template = "text"
+    config.data.score_turns = "all"  # chat: "all" assistant turns of a task are scored, or the "last" only
     # The paper's prompt template (nuggets_jax.data.Template); override both to change it.
     config.data.prompt_no_input = data.Template.prompt_no_input
     config.data.prompt_with_input = data.Template.prompt_with_input

@@ -292,7 +292,7 @@ class Engine:
         layouts = []
         for cols in column_sets:
             rows = fewest_rows([lengths[c] for c in cols], self.row_length)
-            layouts.append(build_layout(self.tasks.ids, self.tasks.response_start, cols, self.row_length, 1, rows=rows))
+            layouts.append(build_layout(self.tasks.ids, self.tasks.scored_masks(), cols, self.row_length, 1, rows=rows))
         m = max(g.shape[2] for lay in layouts for g in lay.groups)
         s = max(g.shape[3] for lay in layouts for g in lay.groups)
         return add_task_windows([pad_layout(lay, 1, m, s) for lay in layouts], self.window_widths)

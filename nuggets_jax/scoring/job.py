@@ -51,6 +51,8 @@ class Inputs:
     tasks_source: str
     pool_digest: str
     tasks_digest: str
+    pool_kind: str = "generated"  # generated | json | jsonl | parquet | hf (data.files.file_kind)
+    tasks_kind: str = "generated"
 
 
 def token_policy(config) -> data_lib.TokenPolicy:
@@ -64,7 +66,7 @@ class ScoreSpec:
 
     Attributes:
       policy: the token policy (preset plus `data.*` overrides).
-      template: the prompt template.
+      template: the text template; None under data.template=chat (the tokenizer's, `template_for`).
       selection: the rule that picks the golden set.
       engine: the batching knobs (`scoring.*`).
       adaptive: the adaptive settings (also read in exact mode, to complete an adaptive workdir).
@@ -73,7 +75,7 @@ class ScoreSpec:
     """
 
     policy: data_lib.TokenPolicy
-    template: data_lib.Template
+    template: data_lib.Template | None
     selection: select_lib.SelectionRule
     engine: EngineConfig
     adaptive: AdaptiveConfig
@@ -100,6 +102,16 @@ def make_mesh(config, dtype: str, log: Callable[[str], None]):
         degree = memory.fit_degree(model_config, models.DTYPES[dtype], limit, jax.local_device_count())
         log(f"mesh: mesh.model=0 -> model-parallel degree {degree}")
     return sharding.make_mesh(degree)
+
+
+def data_form(config) -> dict[str, str]:
+    """`data.format` and `data.template` (configs written before the fields: auto, text)."""
+    return {key: config.data.get(key) or default for key, default in (("format", "auto"), ("template", "text"))}
+
+
+def template_for(spec: ScoreSpec, tokenizer, model_path: str):
+    """The spec's text template, or the tokenizer's chat template."""
+    return spec.template or data_lib.ChatTemplate.of(tokenizer, model_path)
 
 
 def validate(config) -> ScoreSpec:
@@ -133,9 +145,12 @@ def validate(config) -> ScoreSpec:
                 "adaptive.panel and adaptive.compare=pairwise need select.top_n or select.top_fraction, "
                 "not select.threshold."
             )
+    if data_form(config)["format"] not in data_lib.FORMATS:
+        raise JobError(f"unknown data.format {config.data.format!r}; choose one of: {', '.join(data_lib.FORMATS)}.")
+    template = data_form(config)["template"]
     return ScoreSpec(
         policy=policy,
-        template=data_lib.Template.from_config(config.data),
+        template=data_lib.Template.from_config(config.data) if template == "text" else None,
         selection=selection,
         engine=EngineConfig(**{f.name: config.scoring[f.name] for f in dataclasses.fields(EngineConfig)}),
         adaptive=adaptive,
@@ -160,12 +175,12 @@ def load_inputs(config, workdir: pathlib.Path) -> Inputs:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 store_lib.atomic_write_bytes(path, json.dumps(objects, ensure_ascii=False, indent=1).encode())
             records = data_lib.records_from_objects(
-                [(f"{source}[{i}]", o) for i, o in enumerate(objects)], source, role
+                [(f"{source}[{i}]", o) for i, o in enumerate(objects)], source, role, data_form(config)["format"]
             )
             return records, source, _digest(objects)
         path = pathlib.Path(spec).expanduser()
-        records = data_lib.read_records(path, role)
-        return records, str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+        records = data_lib.read_records(path, role, data_form(config)["format"])
+        return records, str(path), data_lib.files.digest(path)
 
     pool, pool_source, pool_digest = load(config.data.pool, "pool", synthetic.generate_pool)
     tasks, tasks_source, tasks_digest = load(config.data.tasks, "tasks", synthetic.generate_tasks)
@@ -178,11 +193,23 @@ def load_inputs(config, workdir: pathlib.Path) -> Inputs:
             f"{tasks_source}: {len(tasks)} tasks is more than data.task_set_limit={config.data.task_set_limit} "
             f"(cost grows as pool x tasks); use data.max_tasks to take the first N, or raise the limit."
         )
-    return Inputs(pool, tasks, pool_source, tasks_source, pool_digest, tasks_digest)
+    if data_form(config)["template"] == "text":
+        for records, source in ((pool, pool_source), (tasks, tasks_source)):
+            chat = next((r for r in records if r.format != "alpaca"), None)
+            if chat is not None:
+                raise JobError(
+                    f"{source}: record {chat.id!r} is a conversation ({chat.format}); the text template reads "
+                    "instruction/input/output only. Set data.template=chat to score it under the model's chat template."
+                )
+    kinds = [
+        "generated" if spec == "default" else data_lib.files.file_kind(pathlib.Path(spec).expanduser())
+        for spec in (config.data.pool, config.data.tasks)
+    ]
+    return Inputs(pool, tasks, pool_source, tasks_source, pool_digest, tasks_digest, *kinds)
 
 
 def fingerprint(
-    config, inputs: Inputs, model_fingerprint: str, policy: data_lib.TokenPolicy, dtype: str
+    config, inputs: Inputs, model_fingerprint: str, policy: data_lib.TokenPolicy, dtype: str, template
 ) -> dict[str, Any]:
     """Everything that determines the scores; a resumed run must match it exactly."""
     return {
@@ -192,8 +219,9 @@ def fingerprint(
         "max_candidates": config.data.max_candidates,
         "tasks": inputs.tasks_digest,
         "max_tasks": config.data.max_tasks,
-        "template": [config.data.prompt_no_input, config.data.prompt_with_input],
+        "template": template.describe(),
         "policy": dataclasses.asdict(policy),
+        "format": [data_form(config)["format"], inputs.pool_kind, inputs.tasks_kind],
     }
 
 
@@ -249,12 +277,13 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
             f"mesh: KV heads replicated {loaded.config.num_kv_heads} -> {loaded.model.config.num_kv_heads} "
             f"so the attention splits over mesh.model={sharding.model_size(mesh)}"
         )
-    current = fingerprint(config, inputs, models.model_fingerprint(loaded.model_dir), spec.policy, dtype)
+    template = template_for(spec, loaded.tokenizer, config.model.path)
+    current = fingerprint(config, inputs, models.model_fingerprint(loaded.model_dir), spec.policy, dtype, template)
     check_fingerprint(workdir, current, config.fresh, store)
     if sharding.is_main():
         store_lib.atomic_write_bytes(workdir / "config.json", config.to_json(indent=2).encode())
     with timings.timed("tokenize_s"):
-        tasks, prefixes = tokenize(loaded.tokenizer, inputs, spec, log)
+        tasks, prefixes = tokenize(loaded.tokenizer, inputs, spec, template, log)
 
     engine, partial = build_engine(spec, loaded.model, tasks, prefixes, store, log, mesh)
     traffic = {"load_and_build": sum(sharding.TRAFFIC.values()) - traffic_start}
@@ -291,7 +320,8 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
                 "candidate_ids": np.asarray(candidate_ids),
                 "task_ids": np.asarray(task_ids),
             }
-            selected, adaptive_summary = write_outputs(workdir, spec, scores, records, one, rule)
+            source = None if config.data.pool == "default" else inputs.pool_source
+            selected, adaptive_summary = write_outputs(workdir, spec, scores, records, one, rule, source=source)
 
     passes = [zero_stats, one.stats]
     busy = max(sum(p.wall_s for p in passes), 1e-9)
@@ -330,11 +360,11 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     return run
 
 
-def tokenize(tokenizer, inputs: Inputs, spec: ScoreSpec, log: Callable[[str], None]):
-    """The task set and the pool as token ids under the spec's template and token policy."""
+def tokenize(tokenizer, inputs: Inputs, spec: ScoreSpec, template, log: Callable[[str], None]):
+    """The task set and the pool as token ids under the template and the spec's token policy."""
     policy = spec.policy
-    tasks = data_lib.tokenize_tasks(tokenizer, inputs.tasks, spec.template, policy, inputs.tasks_source)
-    prefixes = data_lib.tokenize_prefixes(tokenizer, inputs.pool, spec.template, policy)
+    tasks = data_lib.tokenize_tasks(tokenizer, inputs.tasks, template, policy, inputs.tasks_source)
+    prefixes = data_lib.tokenize_prefixes(tokenizer, inputs.pool, template, policy, inputs.pool_source)
     log(
         f"data: {len(inputs.pool)} candidates ({_cuts(prefixes.cut, policy.max_prefix_tokens)}), "
         f"{len(inputs.tasks)} tasks ({_cuts(tasks.cut, policy.max_task_tokens)}), "
@@ -394,20 +424,28 @@ def score_exact(spec: ScoreSpec, engine, prefixes, store, candidate_ids, task_id
     return one
 
 
-def write_outputs(workdir: pathlib.Path, spec: ScoreSpec, scores, records, one, rule) -> tuple[np.ndarray, dict]:
-    """scores.npz, ranking.jsonl and golden.json (adaptive: and adaptive.jsonl); returns the golden
-    set and, in adaptive mode, run.json's additions (`rounds.summary`)."""
+def write_outputs(
+    workdir: pathlib.Path, spec: ScoreSpec, scores, records, one, rule, source=None
+) -> tuple[np.ndarray, dict]:
+    """scores.npz, ranking.jsonl and the golden set (adaptive: and adaptive.jsonl); returns the golden
+    set and, in adaptive mode, run.json's additions (`rounds.summary`).
+
+    The golden set is written in the pool's format (`select.write_golden_as`; `source` is the pool
+    path, None for a generated pool: golden.json), with ranking.parquet for a Parquet or datasets pool."""
     store_lib.write_npz(workdir / "scores.npz", scores)
     if spec.mode == "adaptive":
         from nuggets_jax.scoring.adaptive import rounds as adaptive
 
         # Golden set, ranking and intervals from the decisions (scores.npz has NaN for pairs never scored).
-        summary = adaptive.write_outputs(workdir, records, one.decisions, spec.metric, spec.adaptive, rule)
+        summary = adaptive.write_outputs(
+            workdir, records, one.decisions, spec.metric, spec.adaptive, rule, source=source
+        )
         return one.decisions.selected, summary
     values = metrics_lib.compute_all(scores)
     select_lib.write_ranking(workdir / "ranking.jsonl", records, values, spec.metric)
+    select_lib.write_ranking_table(workdir, source, records, values, spec.metric)
     selected = spec.selection.select(values[spec.metric])
-    select_lib.write_golden(workdir / "golden.json", records, selected, values, spec.metric)
+    select_lib.write_golden_as(workdir, source, records, selected, values, spec.metric)
     return selected, {}
 
 

@@ -141,9 +141,17 @@ def plan_rows(lengths: Sequence[int], tokens_per_row: int, multiple: int = 16, r
     return next(shorter, cap)  # `cap` itself fits n rows
 
 
+def scored_masks(task_ids: Sequence[np.ndarray], scored) -> list[np.ndarray]:
+    """Per-task bool masks of the scored tokens; `scored` is such masks, or [T] first response
+    tokens (one span to the end)."""
+    if len(scored) and np.ndim(scored[0]) == 0:
+        return [np.arange(len(ids)) >= int(start) for ids, start in zip(task_ids, scored, strict=True)]
+    return [np.asarray(m, bool) for m in scored]
+
+
 def build_layout(
     task_ids: Sequence[np.ndarray],
-    response_start: np.ndarray,
+    scored: Sequence[np.ndarray] | np.ndarray,
     columns: Sequence[int] | np.ndarray,
     row_length: int,
     rows_per_group: int,
@@ -154,7 +162,8 @@ def build_layout(
 
     Args:
       task_ids: every task's ids (prompt ++ response after the cut).
-      response_start: [T] first response token of each task.
+      scored: per task a bool mask of its scored tokens (the first is never scored), or [T] first
+        response tokens.
       columns: which tasks to lay out (all of them, or a subset for adaptive rounds).
       row_length: L; at least the longest task.
       rows_per_group: R rows per device call.
@@ -163,13 +172,16 @@ def build_layout(
     """
     columns = [int(c) for c in columns]
     lengths = [len(task_ids[c]) for c in columns]
+    masks = scored_masks(task_ids, scored)
+    # Position p predicts token p + 1, so a scored token p is read at p - 1.
+    where = {c: np.flatnonzero(masks[c]) for c in set(columns)}
+    if any(w.size and w[0] == 0 for w in where.values()):
+        raise ValueError("the first token of a task cannot be scored: nothing predicts it")
     rows = pack_rows(lengths, row_length) if rows is None else rows
     n_groups = max(1, math.ceil(len(rows) / rows_per_group))
     grouped = [rows[g * rows_per_group : (g + 1) * rows_per_group] for g in range(n_groups)]
     max_tasks = max(sum(len(row) for row in group) for group in grouped)
-    max_scored = max(
-        sum(lengths[i] - int(response_start[columns[i]]) for row in group for i in row) for group in grouped
-    )
+    max_scored = max(sum(where[columns[i]].size for row in group for i in row) for group in grouped)
     m = max(score_multiple, math.ceil(max_scored / score_multiple) * score_multiple)
     groups = []
     for group in grouped:
@@ -180,27 +192,26 @@ def build_layout(
         target = np.zeros(m, np.int32)
         task_of = np.full(m, max_tasks, np.int32)
         tasks = np.full(max_tasks, -1, np.int32)
-        task = scored = 0
+        task = filled = 0
         for r, row in enumerate(group):
             offset = 0
             for seg, i in enumerate(row):
                 ids = task_ids[columns[i]]
-                n, start = len(ids), int(response_start[columns[i]])
+                n, at = len(ids), where[columns[i]]
                 tokens[r, offset : offset + n] = ids
                 positions[r, offset : offset + n] = np.arange(n)
                 segments[r, offset : offset + n] = seg
-                k = n - start
-                # Position p predicts token p + 1: the response [start, n) is predicted by [start - 1, n - 1).
-                index[scored : scored + k] = r * row_length + offset + np.arange(start - 1, n - 1)
-                target[scored : scored + k] = ids[start:]
-                task_of[scored : scored + k] = task
+                k = at.size
+                index[filled : filled + k] = r * row_length + offset + at - 1
+                target[filled : filled + k] = ids[at]
+                task_of[filled : filled + k] = task
                 tasks[task] = columns[i]
-                scored += k
+                filled += k
                 task += 1
                 offset += n
         groups.append(RowGroup(tokens, positions, segments, index, target, task_of, tasks))
     real = sum(lengths)
-    scored_total = sum(lengths[i] - int(response_start[c]) for i, c in enumerate(columns))
+    scored_total = sum(where[c].size for c in columns)
     return TaskLayout(groups, row_length, real, scored_total)
 
 
