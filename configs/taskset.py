@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
 
     config.data = ml_collections.ConfigDict()
+    # "text": the prompt template below; "chat": the model's chat template (embeddings of whole conversations).
+    config.data.template = "text"
     # The paper's prompt template (nuggets_jax.data.Template); override both to change it.
     config.data.prompt_no_input = data.Template.prompt_no_input
     config.data.prompt_with_input = data.Template.prompt_with_input

@@ -1,7 +1,8 @@
 """Ranking candidates by a golden score, choosing the golden set, and writing both.
 
 Outputs of a scoring run (docs/ARCHITECTURE.md, "The workdir of a scoring run"):
-- `ranking.jsonl`: one line per candidate in rank order, `{"rank", "id", <metrics>, <extra fields>}`.
+- `ranking.jsonl`: one line per candidate in rank order, `{"rank", "id", <metrics>, <extra fields>}`
+  (fields that are not the example itself, `data.RECORD_COLUMNS`).
 - `golden.json`: the selected records in the input format, each with a `"nuggets"` field
   `{"rank", <metrics>}`; `read_golden` strips that field so the golden set is a valid pool file.
 
@@ -28,10 +29,9 @@ import numpy as np
 from nuggets_jax import data as data_lib
 from nuggets_jax.errors import UserError
 
-# Record fields that are the example itself; everything else is carried into ranking.jsonl.
-_EXAMPLE_FIELDS = ("instruction", "input", "output", "id")
-# Source columns that are the example itself; ranking.parquet carries every other column.
-_TABLE_EXAMPLE_FIELDS = ("id", "instruction", "input", "output", "system", "history", "messages", "conversations")
+# Record fields that are the example itself (every record form's); everything else is carried
+# into ranking.jsonl and ranking.parquet.
+_EXAMPLE_FIELDS = data_lib.RECORD_COLUMNS
 GOLDEN_FIELD = "nuggets"
 # What `write_golden_as` writes, one per pool format: json (and generated pools), jsonl, parquet, datasets dir.
 GOLDEN_NAMES = ("golden.json", "golden.jsonl", "golden.parquet", "golden")
@@ -223,7 +223,8 @@ def write_ranking(
     """Writes ranking.jsonl: one JSON line per candidate, best first.
 
     Each line is `{"rank": r, "id": id, <every metric>: value, <every extra field>: value}`, where
-    extra fields are the record's fields other than instruction, input, output and id.
+    extra fields are the record's fields other than the example's own (`data.RECORD_COLUMNS`: id,
+    instruction, input, output, system, history, messages, conversations).
 
     Args:
       path: output file.
@@ -507,7 +508,7 @@ def write_ranking_table(
     checked = _check_metrics(records, metrics, rank_metric)
     order = rank_order(checked[rank_metric])
     names = data_lib.files.read_schema(source).names
-    carried = [name for name in names if name not in _TABLE_EXAMPLE_FIELDS]
+    carried = [name for name in names if name not in _EXAMPLE_FIELDS]
     for name in carried:
         if name in {"rank", *checked}:
             raise SelectionError(

@@ -96,7 +96,9 @@ def default_eval_set(size: int, seed: int, exclude: Sequence[data_lib.Record]) -
 def _scoring_run(config, workdir: pathlib.Path, log) -> pathlib.Path:
     if config.scoring_workdir:
         sdir = pathlib.Path(config.scoring_workdir).expanduser()
-        missing = [n for n in ("config.json", "ranking.jsonl", "golden.json") if not (sdir / n).is_file()]
+        missing = [n for n in ("config.json", "ranking.jsonl") if not (sdir / n).is_file()]
+        if not any((sdir / n).exists() for n in select_lib.GOLDEN_NAMES):
+            missing.append("golden.json (or golden.jsonl, golden.parquet, golden/)")
         if missing:
             raise CompareError(
                 f"{sdir}: not a finished scoring run (missing {', '.join(missing)}); run experiments.score "
@@ -151,7 +153,8 @@ class ComparisonSpec:
       metric: the ranking metric (config.metric, or the scoring run's).
       top_k: the golden and random subset size (config.top_k, or the size of golden.json).
       variants: the training subsets.
-      template: the scoring run's prompt template (training and evaluation use it too).
+      template: the scoring run's text template (training and evaluation use it too); None for
+        `data.template=chat`: the tokenizer's chat template (`template_of`)
       model_path: the model fine-tuned (config.model.path, or the scoring run's).
       fresh: retrain a variant whose run directory holds a different run.
       progress: show a progress bar while training.
@@ -165,11 +168,16 @@ class ComparisonSpec:
     metric: str
     top_k: int
     variants: tuple[Variant, ...]
-    template: data_lib.Template
+    template: data_lib.Template | None
     model_path: str
     fresh: bool
     progress: bool
     mesh_model: int = 1
+
+
+def template_of(spec: ComparisonSpec, tokenizer):
+    """The scoring run's template: its text template, or the tokenizer's chat template."""
+    return spec.template or data_lib.ChatTemplate.of(tokenizer, spec.model_path)
 
 
 def resolve_comparison(
@@ -194,7 +202,7 @@ def resolve_comparison(
     metric = config.metric or score_config.metric
     if metric not in METRICS:
         raise CompareError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}.")
-    top_k = config.top_k or len(select_lib.read_golden(scoring_workdir / "golden.json"))
+    top_k = config.top_k or len(select_lib.read_golden(select_lib.golden_path(scoring_workdir)))
     values = _ranking_values(scoring_workdir / "ranking.jsonl", inputs.pool, metric)
     variants = choose_variants(values, top_k, list(config.variants), list(config.random_seeds))
     return ComparisonSpec(
@@ -205,7 +213,9 @@ def resolve_comparison(
         metric=metric,
         top_k=top_k,
         variants=tuple(variants),
-        template=data_lib.Template.from_config(score_config.data),
+        template=data_lib.Template.from_config(score_config.data)
+        if job.data_form(score_config)["template"] == "text"
+        else None,
         model_path=config.model.path or score_config.model.path,
         fresh=config.fresh,
         progress=config.progress,
@@ -248,8 +258,10 @@ def _held_out(eval_config, spec: ComparisonSpec, loaded, model_fingerprint: str,
     if overlap:
         log(f"compare: warning: {overlap} eval example(s) repeat a pool example's instruction and input")
     base_model = finetune_step.merge_params(loaded.model, nnx.split(loaded.model)[1], spec.train.dtype)
+    template = template_of(spec, loaded.tokenizer)
+    bos = spec.train.bos and template.kind == "text"  # a chat template writes its own special tokens
     evaluator = evaluate.Evaluator(
-        base_model, loaded.tokenizer, records, spec.template, eval_config.max_tokens, spec.train.bos,
+        base_model, loaded.tokenizer, records, template, eval_config.max_tokens, bos,
         mesh=sharding.make_mesh(spec.mesh_model), log=log,
     )  # fmt: skip
     key = {
@@ -276,8 +288,9 @@ def _train_and_evaluate(
     """Trains one variant (or resumes it), evaluates it (or reuses its evaluation); its results row."""
     pool = spec.inputs.pool
     subset = [pool[i] for i in variant.indices]
+    template = template_of(spec, loaded.tokenizer)
     examples = finetune_data.tokenize_examples(
-        loaded.tokenizer, subset, spec.template, spec.train.max_tokens, spec.train.eos, spec.train.bos
+        loaded.tokenizer, subset, template, spec.train.max_tokens, spec.train.eos, spec.train.bos
     )
     run_dir = spec.workdir / "runs" / variant.name
     log(f"compare: training {variant.name} on {len(subset)} records")
@@ -293,7 +306,7 @@ def _train_and_evaluate(
         progress=spec.progress,
         fingerprint_extra={
             "model": model_fingerprint,
-            "template": [spec.template.prompt_no_input, spec.template.prompt_with_input],
+            "template": template.describe(),
         },
         fresh=spec.fresh,
     )

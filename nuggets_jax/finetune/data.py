@@ -29,11 +29,19 @@ class FinetuneError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-    """Tokenized training examples: `ids[i][response_start[i]:]` is the trained span."""
+    """Tokenized training examples: `ids[i][response_start[i]:]` is the trained span, or the
+    tokens `trained[i]` marks (the assistant turns of a conversation under the chat template)."""
 
     ids: list[np.ndarray]  # E x [n_e] int32
-    response_start: np.ndarray  # [E]
+    response_start: np.ndarray  # [E] first trained token
     record_ids: list[str]
+    trained: list[np.ndarray] | None = None  # E x [n_e] bool; None: every token from response_start on
+
+    def mask(self, e: int) -> np.ndarray:
+        """[n_e] bool: the trained tokens of example e."""
+        if self.trained is not None:
+            return self.trained[e]
+        return np.arange(len(self.ids[e])) >= self.response_start[e]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -46,13 +54,15 @@ class Examples:
             h.update(np.int64(start).tobytes())
             h.update(np.asarray(ids, np.int32).tobytes())
             h.update(b"|")
+        for mask in self.trained or ():
+            h.update(np.packbits(mask).tobytes())
         return h.hexdigest()
 
 
 def tokenize_examples(
     tokenizer,
     records: Sequence[data_lib.Record],
-    template: data_lib.Template,
+    template: data_lib.Template | data_lib.ChatTemplate,
     max_tokens: int = 512,
     eos: bool = True,
     bos: bool = True,
@@ -60,10 +70,16 @@ def tokenize_examples(
 ) -> Examples:
     """`[leading specials] prompt ++ response [++ eos]`, cut to `max_tokens` (no eos after a cut).
 
+    Under the chat template the example is the rendered conversation alone (the template writes
+    its special tokens and end-of-turn text: no bos or eos is added) and the loss is on every
+    assistant turn, the scored spans of `data.tokenize_tasks`.
+
     Raises:
       DataError: a record keeps no response token within `max_tokens` (names the ids).
       FinetuneError: `eos` is asked for but the tokenizer has no eos token.
     """
+    chat = isinstance(template, data_lib.ChatTemplate)
+    bos, eos = bos and not chat, eos and not chat
     lead = data_lib.leading_special_tokens(tokenizer) if bos else []
     eos_id = tokenizer.eos_token_id if eos else None
     if eos and eos_id is None:
@@ -71,12 +87,14 @@ def tokenize_examples(
     room = max_tokens - len(lead)
     uncut = data_lib.TokenPolicy(max_task_tokens=1 << 30)
     tasks = data_lib.tokenize_tasks(tokenizer, records, template, uncut, source)
-    ids, empty = [], []
-    for record, seq, start in zip(records, tasks.ids, tasks.response_start, strict=True):
+    ids, masks, empty = [], [], []
+    for record, seq, start, mask in zip(records, tasks.ids, tasks.response_start, tasks.scored_masks(), strict=True):
         if len(seq) + (1 if eos else 0) <= room:
             ids.append(np.asarray([*lead, *seq.tolist(), *([eos_id] if eos else [])], np.int32))
+            masks.append(np.concatenate([np.zeros(len(lead), bool), mask, np.ones(1 if eos else 0, bool)]))
         elif start < room:
             ids.append(np.asarray([*lead, *seq[:room].tolist()], np.int32))  # cut: the response did not end, no eos
+            masks.append(np.concatenate([np.zeros(len(lead), bool), mask[:room]]))
         else:
             empty.append(record.id)
     if empty:
@@ -86,7 +104,7 @@ def tokenize_examples(
             f"ids {shown}. Raise train.max_tokens or drop them."
         )
     starts = (tasks.response_start + len(lead)).astype(np.int32)
-    return Examples(ids, starts, [r.id for r in records])
+    return Examples(ids, starts, [r.id for r in records], masks if chat else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,15 +139,15 @@ def pack_micro_batch(examples: Examples, rows: Sequence[Sequence[int]], batch_ro
     for r, row in enumerate(rows):
         offset = 0
         for slot, e in enumerate(row):
-            ids, start = examples.ids[e], int(examples.response_start[e])
+            ids, trained = examples.ids[e], np.flatnonzero(examples.mask(e))
             n = len(ids)
             if offset + n > row_length:
                 raise ValueError(f"row {r} holds {offset + n} tokens, more than row_length={row_length}")
             span = slice(offset, offset + n)
             tokens[r, span], positions[r, span], segments[r, span] = ids, np.arange(n), slot
             targets[r, offset : offset + n - 1] = ids[1:]
-            # Position p predicts token p + 1: the response [start, n) is predicted by [start - 1, n - 1).
-            weights[r, offset + start - 1 : offset + n - 1] = 1.0
+            # Position p predicts token p + 1: a trained token p is read at p - 1.
+            weights[r, offset + trained - 1] = 1.0
             offset += n
     return tokens, positions, segments, targets, weights
 

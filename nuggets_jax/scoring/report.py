@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from nuggets_jax import data as data_lib
 from nuggets_jax import plots as plots_lib
 from nuggets_jax.errors import UserError
 from nuggets_jax.metrics import METRIC_FORMULAS, METRICS, auroc, spearman
 from nuggets_jax.plots import CLEAN
-from nuggets_jax.select import SelectionError, SelectionRule, rank_order, read_ranking
+from nuggets_jax.select import SelectionError, SelectionRule, golden_path, rank_order, read_golden, read_ranking
 
 NA = "n/a"
 _TEXT_CHARS = 120
@@ -140,18 +141,35 @@ def _summary(config: Any, run: Any, metric: str, num: tuple[int, int | None], go
     )
 
 
+def _shown(record: dict) -> tuple[str, str, bool]:
+    """(prompt, response, is a conversation) of a record as the report shows it: a conversation's
+    turns before its last response, "role: text" each."""
+    if not any(record.get(key) for key in ("messages", "conversations", "history", "system")):
+        prompt = "\n".join(str(record[key]) for key in ("instruction", "input") if record.get(key))
+        return prompt, str(record.get("output", "")), False
+    try:
+        (parsed,) = data_lib.records_from_objects([("report", record)], "report")
+    except data_lib.DataError:
+        return "", "", True
+    last = max(k for k, (role, _) in enumerate(parsed.messages) if role == "assistant")
+    turns = " | ".join(f"{role}: {text.strip()}" for role, text in parsed.messages[:last])
+    return turns, parsed.messages[last][1], True
+
+
 def _examples(lines: list[dict], order: Sequence[int], values: dict[str, np.ndarray], by_id: dict | None) -> str:
     header = ["rank", "id", *values]
+    shown = {}
     if by_id is not None:
-        header += ["instruction", "output"]
+        shown = {index: _shown(by_id.get(str(lines[index].get("id")), {})) for index in order}
+        chat = any(conversation for _, _, conversation in shown.values())
+        header += ["turns before the last response", "last response"] if chat else ["instruction", "output"]
     rows = []
     for index in order:
         row = [str(index + 1), _cell(lines[index].get("id", NA))]
         row += [_fmt(array[index]) for array in values.values()]
         if by_id is not None:
-            record = by_id.get(str(lines[index].get("id")), {})
-            prompt = "\n".join(str(record[key]) for key in ("instruction", "input") if record.get(key))
-            row += [_cell(prompt, _TEXT_CHARS) or NA, _cell(record.get("output", ""), _TEXT_CHARS) or NA]
+            prompt, response, _ = shown[index]
+            row += [_cell(prompt, _TEXT_CHARS) or NA, _cell(response, _TEXT_CHARS) or NA]
         rows.append(row)
     return plots_lib.markdown_table(header, rows)
 
@@ -335,7 +353,14 @@ def write_report(
         raise ReportError(f"{workdir}: ranking.jsonl not found; run the scoring into this workdir first")
     lines = read_ranking(workdir / "ranking.jsonl")
     config, run = _read_json(workdir / "config.json"), _read_json(workdir / "run.json")
-    golden = _read_json(workdir / "golden.json")
+    try:
+        golden_file = golden_path(workdir)
+    except SelectionError:  # no golden set: its size prints as n/a
+        golden_file = None
+    if golden_file is None or golden_file.name == "golden.json":
+        golden = _read_json(workdir / "golden.json")
+    else:
+        golden = read_golden(golden_file, keep_scores=True)  # with the "nuggets" ranks the report marks
     scores = _read_scores(workdir / "scores.npz")  # arrays, or the reason there are none
     run_metric = _get(config, "metric")
     metric = metric or run_metric or "win_rate"

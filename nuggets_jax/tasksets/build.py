@@ -186,7 +186,7 @@ class TaskSetBuilder:
         source: Source,
         model_path: str = "default",
         dtype: str = "float32",
-        template: data_lib.Template | None = None,
+        template: data_lib.Template | data_lib.ChatTemplate | None = None,
         embedding: EmbeddingConfig | None = None,
         log: Callable[[str], None] = print,
     ):
@@ -271,7 +271,7 @@ class TaskSetBuilder:
             "embedding": EMBEDDING if kmeans else None,
             "embedding_text": self.embedding.text if kmeans else None,
             "embedding_max_tokens": self.embedding.max_tokens if kmeans else None,
-            "template": [self.template.prompt_no_input, self.template.prompt_with_input] if kmeans else None,
+            "template": self.template.describe() if kmeans else None,
         }
 
     def build(self, spec: TaskSetSpec) -> TaskSet:
@@ -383,9 +383,10 @@ def build_from_config(config, workdir: str | pathlib.Path, log: Callable[[str], 
     spec = TaskSetSpec(config.construction, config.k, config.m, config.seed, config.n_init)
     spec.check()
     source = source_lib.load_source(config.source, config.exclude or None, log=log)
-    template = data_lib.Template.from_config(config.data)
+    chat = (config.data.get("template") or "text") == "chat"
+    tokenizer = source_lib.load_tokenizer(config.model.path) if chat or config.max_task_tokens else None
+    template = data_lib.template_of(config.data, tokenizer, config.model.path)
     if config.max_task_tokens:
-        tokenizer = source_lib.load_tokenizer(config.model.path)
         eligible = [source.records[i] for i in source.eligible]
         fits = source_lib.prompt_fits(tokenizer, eligible, template, config.max_task_tokens)
         source = source_lib.restrict(source, fits, f"prompt shorter than max_task_tokens={config.max_task_tokens}")

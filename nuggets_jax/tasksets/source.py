@@ -30,8 +30,11 @@ class TaskSetError(UserError):
     """A task-set request that cannot be built; the message says what to change."""
 
 
-def content_key(record: data_lib.Record) -> tuple[str, str, str]:
-    """What makes two records the same example (ids and extra fields differ between files)."""
+def content_key(record: data_lib.Record) -> tuple:
+    """What makes two records the same example (ids and extra fields differ between files): the
+    Alpaca fields, or a conversation's turns."""
+    if record.is_conversation:
+        return record.messages
     return (record.instruction, record.input, record.output)
 
 

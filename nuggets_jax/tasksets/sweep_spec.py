@@ -158,7 +158,7 @@ class SweepSpec:
     exclude_pool: bool
     exclude: str
     fractions: tuple[float, ...]
-    template: data_lib.Template
+    template: data_lib.Template | None  # None: the model's chat template (data.template=chat)
     policy: data_lib.TokenPolicy
     embedding: embedding.EmbeddingConfig
 
