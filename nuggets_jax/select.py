@@ -21,7 +21,7 @@ import math
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -198,19 +198,26 @@ def _record_id(record: Mapping[str, Any], index: int) -> Any:
     return record.get("id", index)
 
 
-def _write_atomically(path: str | os.PathLike[str], text: str) -> pathlib.Path:
-    """Writes UTF-8 text so that readers see the old file or the new one, never a partial one."""
-    path = pathlib.Path(path)
+@contextlib.contextmanager
+def _replacing(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A temporary file beside `path` that replaces it when the block succeeds (removed if not), so
+    readers see the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain open (not mkstemp) so the file gets the usual umask permissions, not 0600.
+    # A plain path (not mkstemp) so the file gets the usual umask permissions, not 0600.
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp_path, "wb") as handle:
-            handle.write(text.encode("utf-8"))
+        yield tmp_path
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _write_atomically(path: str | os.PathLike[str], text: str) -> pathlib.Path:
+    """Writes UTF-8 text so that readers see the old file or the new one, never a partial one."""
+    path = pathlib.Path(path)
+    with _replacing(path) as tmp_path, open(tmp_path, "wb") as handle:
+        handle.write(text.encode("utf-8"))
     return path
 
 
@@ -567,14 +574,8 @@ def _golden_features(names: Sequence[str]) -> dict[str, Any]:
 def _write_parquet(path: pathlib.Path, table) -> pathlib.Path:
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with _replacing(path) as tmp_path:
         pq.write_table(table, tmp_path)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -104,7 +104,7 @@ def read_objects(
             "re-encode the file as UTF-8."
         ) from None
     text = text.removeprefix("\ufeff")
-    if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
+    if kind == "jsonl":
         objects = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():

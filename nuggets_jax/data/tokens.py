@@ -90,9 +90,12 @@ class TokenizedTasks:
 
     def scored_masks(self) -> list[np.ndarray]:
         """T x [n_t] bool: which tokens are scored (a response is one span from response_start)."""
-        if self.scored is not None:
-            return self.scored
-        return [np.arange(len(ids)) >= start for ids, start in zip(self.ids, self.response_start, strict=True)]
+        return self.scored if self.scored is not None else span_masks(self.ids, self.response_start)
+
+
+def span_masks(ids: Sequence[np.ndarray], starts: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+    """Per sequence a bool mask of one scored span, from its start to the end."""
+    return [np.arange(len(seq)) >= int(start) for seq, start in zip(ids, starts, strict=True)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nuggets_jax import data as data_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class RowGroup:
@@ -145,7 +147,7 @@ def scored_masks(task_ids: Sequence[np.ndarray], scored) -> list[np.ndarray]:
     """Per-task bool masks of the scored tokens; `scored` is such masks, or [T] first response
     tokens (one span to the end)."""
     if len(scored) and np.ndim(scored[0]) == 0:
-        return [np.arange(len(ids)) >= int(start) for ids, start in zip(task_ids, scored, strict=True)]
+        return data_lib.span_masks(task_ids, scored)
     return [np.asarray(m, bool) for m in scored]
 
 

@@ -97,8 +97,7 @@ def _task_source(spec: SweepSpec, pool: CandidatePool, tokenizer, log) -> source
             f"{e} Sample the candidates (pool_sample=N) so tasks come from the rest of the file."
         ) from None
     cut = spec.policy.max_task_tokens
-    template = spec.template or data_lib.ChatTemplate.of(tokenizer, spec.score.model.path)
-    fits = source_lib.prompt_fits(tokenizer, [source.records[i] for i in source.eligible], template, cut)
+    fits = source_lib.prompt_fits(tokenizer, [source.records[i] for i in source.eligible], spec.template, cut)
     if not fits.all():
         source = source_lib.restrict(source, fits, f"prompt shorter than score.data.max_task_tokens={cut} tokens")
         log(f"task source: {int((~fits).sum())} example(s) left out, their prompt fills the task cut")
@@ -109,11 +108,8 @@ def _build_tasksets(
     spec: SweepSpec, source: source_lib.Source, workdir: pathlib.Path, log
 ) -> tuple[dict[taskset_lib.TaskSetSpec, taskset_lib.TaskSet], float]:
     """Builds (or reuses from `tasksets/`) every task set of the sweep; returns them and the embedding time."""
-    template = spec.template or data_lib.ChatTemplate.of(
-        source_lib.load_tokenizer(spec.score.model.path), spec.score.model.path
-    )
     builder = taskset_lib.TaskSetBuilder(
-        source, spec.score.model.path, spec.score.model.dtype, template, spec.embedding, log=log
+        source, spec.score.model.path, spec.score.model.dtype, spec.template, spec.embedding, log=log
     )
     tasksets: dict[taskset_lib.TaskSetSpec, taskset_lib.TaskSet] = {}
     for wanted in spec.tasksets:
@@ -160,8 +156,7 @@ def _write_union(
             f"the sweep's union holds {len(ids)} tasks, more than score.data.task_set_limit={limit}; "
             "raise --config.score.data.task_set_limit or sweep fewer task sets."
         )
-    template = spec.template or data_lib.ChatTemplate.of(tokenizer, spec.score.model.path)
-    tasks = data_lib.tokenize_tasks(tokenizer, records, template, spec.policy, str(path))
+    tasks = data_lib.tokenize_tasks(tokenizer, records, spec.template, spec.policy, str(path))
     index = {pid: i for i, pid in enumerate(ids)}
     return TaskUnion(
         ids=ids,
@@ -269,6 +264,10 @@ def run_sweep(
     # Task sets: the pool, the task source without it, every task set of the sweep.
     pool = _candidate_pool(spec, workdir, log)
     tokenizer = source_lib.load_tokenizer(spec.score.model.path)
+    # data.template=chat: the model's chat template, resolved once for every stage below.
+    spec = dataclasses.replace(
+        spec, template=spec.template or data_lib.ChatTemplate.of(tokenizer, spec.score.model.path)
+    )
     source = _task_source(spec, pool, tokenizer, log)
     t0 = time.perf_counter()
     tasksets, embed_s = _build_tasksets(spec, source, workdir, log)

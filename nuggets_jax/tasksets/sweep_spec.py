@@ -158,7 +158,8 @@ class SweepSpec:
     exclude_pool: bool
     exclude: str
     fractions: tuple[float, ...]
-    template: data_lib.Template | None  # None: the model's chat template (data.template=chat)
+    # None: the model's chat template (data.template=chat), which `run_sweep` resolves once it has the tokenizer.
+    template: data_lib.Template | data_lib.ChatTemplate | None
     policy: data_lib.TokenPolicy
     embedding: embedding.EmbeddingConfig
 
