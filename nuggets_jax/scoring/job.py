@@ -113,9 +113,6 @@ def cpu_devices(config) -> tuple[int, str]:
     setting = int(config.mesh.get("cpu_devices", 1)) if "mesh" in config else 1
     if setting:
         return setting, f"mesh.cpu_devices={setting}"
-    if os.environ.get("JAX_NUM_CPU_DEVICES"):  # the user's own setting, read by JAX itself
-        count = int(os.environ["JAX_NUM_CPU_DEVICES"])
-        return count, f"JAX_NUM_CPU_DEVICES={count}"
     if config.distributed.enabled:
         return 1, "auto: one per process under jax.distributed"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
