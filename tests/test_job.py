@@ -225,17 +225,3 @@ def test_disk_full_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, inputs, m
     job.run_score(config, uninterrupted, log=lambda m: None)
     for name in ("scores.npz", "ranking.jsonl", "golden.json"):
         assert (workdir / name).read_bytes() == (uninterrupted / name).read_bytes(), name
-
-
-def test_cpu_devices_auto_is_one_per_core_unless_set():
-    from configs import score as score_config
-    from nuggets_jax.scoring import job as job_lib
-
-    config = score_config.get_config()
-    count, why = job_lib.cpu_devices(config)
-    assert count == len(os.sched_getaffinity(0)) and "auto" in why  # the default model fits many copies
-    config.mesh.cpu_devices = 1
-    assert job_lib.cpu_devices(config)[0] == 1
-    config.mesh.cpu_devices = 0
-    config.distributed.enabled = True
-    assert job_lib.cpu_devices(config)[0] == 1
