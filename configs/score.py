@@ -35,6 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 0 = the smallest degree at which the parameters fit the device's memory.
     config.mesh = ml_collections.ConfigDict()
     config.mesh.model = 1
+    # XLA:CPU devices of a CPU run (must be set before JAX starts): 0 = auto, one per usable core
+    # (fewer if that many copies of the model would not fit the host's memory); 1 = one device on
+    # every core. No effect on GPUs/TPUs.
+    config.mesh.cpu_devices = 0
 
     config.data = ml_collections.ConfigDict()
     config.data.pool = "default"  # .json/.jsonl; "default" = the generated pool (nuggets_jax.synthetic)
@@ -65,7 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "exact": every candidate on every task. "adaptive": rounds of tasks only for the candidates whose
     # place in the golden set is still undecided (config.adaptive); the golden set from fewer pairs.
     config.scoring.mode = "exact"
-    config.scoring.candidates_per_device = 1
+    # Candidates per device in one call; 0 = auto: one when a candidate's tasks fill a call, more
+    # when they are short (as many as tokens_per_device holds).
+    config.scoring.candidates_per_device = 0
     config.scoring.tokens_per_device = 0  # 0 = auto: 2048 on CPU, 16384 on GPU/TPU
     config.scoring.row_length = 0  # 0 = auto (fewest rows of at most tokens_per_device tokens)
     config.scoring.max_prefix_buckets = 4

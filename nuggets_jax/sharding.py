@@ -54,6 +54,17 @@ def initialize(config: DistributedConfig) -> None:
     )
 
 
+def set_cpu_devices(count: int) -> bool:
+    """Splits the host into `count` XLA:CPU devices; False (nothing changed) once the backend has
+    started, e.g. a second job in one process. The setting does nothing for GPUs and TPUs."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return False
+    jax.config.update("jax_num_cpu_devices", max(1, count))
+    return True
+
+
 def make_mesh(model: int = 1) -> Mesh:
     """The (data, model) mesh over all devices, each process's devices contiguous.
 

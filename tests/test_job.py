@@ -25,6 +25,7 @@ def score_cmd(model_dir, pool, tasks, workdir, *extra):
         f"--config.data.pool={pool}",
         f"--config.data.tasks={tasks}",
         "--config.scoring.chunk_candidates=2",
+        "--config.scoring.candidates_per_device=1",  # two candidates a chunk (2 devices): many chunks to kill between
         "--config.progress=False",
         f"--workdir={workdir}",
         *extra,
@@ -225,3 +226,20 @@ def test_disk_full_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, inputs, m
     job.run_score(config, uninterrupted, log=lambda m: None)
     for name in ("scores.npz", "ranking.jsonl", "golden.json"):
         assert (workdir / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+
+
+def test_cpu_devices_auto_is_one_per_core_unless_set(monkeypatch):
+    from configs import score as score_config
+    from nuggets_jax.scoring import job as job_lib
+
+    config = score_config.get_config()
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    count, why = job_lib.cpu_devices(config)
+    assert count == len(os.sched_getaffinity(0)) and "auto" in why  # the default model fits many copies
+    config.mesh.cpu_devices = 1
+    assert job_lib.cpu_devices(config)[0] == 1
+    config.mesh.cpu_devices = 0
+    config.distributed.enabled = True
+    assert job_lib.cpu_devices(config)[0] == 1
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "3")
+    assert job_lib.cpu_devices(config) == (3, "JAX_NUM_CPU_DEVICES=3")

@@ -57,7 +57,7 @@ def _random_prefixes(vocab: int, seed: int = 1, count: int = 5, longest: int = 1
 
 def _engine(model, tasks, prefixes, mesh, config=None) -> scoring.Engine:
     lengths = [len(p) for p in prefixes] + [1]
-    config = config or scoring.EngineConfig(max_prefix_buckets=2)
+    config = config or scoring.EngineConfig(candidates_per_device=1, max_prefix_buckets=2)
     return scoring.Engine(model, tasks, lengths, config, mesh=mesh, log=_quiet)
 
 

@@ -81,8 +81,11 @@ def test_cached_prefix_equals_whole_sequence(tiny, tmp_path, preset):
 def test_padding_bucket_and_device_invariance(tiny, tmp_path):
     tasks = D.tokenize_tasks(tiny.tokenizer, _records(9, 50, long_every=4), D.Template(), D.TokenPolicy())
     prefixes = D.tokenize_prefixes(tiny.tokenizer, _records(11, long_every=3), D.Template(), D.TokenPolicy())
-    base = run(tiny, tasks, prefixes, tmp_path, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)), name="a")
+    one = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    base = run(tiny, tasks, prefixes, tmp_path, scoring.EngineConfig(candidates_per_device=1), mesh=one, name="a")
     variants = [
+        (scoring.EngineConfig(), None),  # auto candidates per device, 8 devices
+        (scoring.EngineConfig(tokens_per_device=4096, max_prefix_buckets=1), one),  # auto: several per call
         (
             scoring.EngineConfig(tokens_per_device=64, row_length=128, max_prefix_buckets=1, attention_queries=1 << 30),
             None,
@@ -205,3 +208,27 @@ def test_engine_config_auto_sizes_per_platform():
         tokens_per_device=512, lm_head_tokens=64, lm_head_vocab_tile=256, attention_queries=64, attention_block=32
     )
     assert fixed.for_platform("gpu") == fixed  # explicit sizes are kept
+
+
+def test_auto_candidates_fills_a_call_with_short_tasks():
+    short = [30] * 16  # 480 task tokens a candidate: one row of 480
+    assert scoring.auto_candidates(short, 2048, candidates=1000, devices=2, buckets=4) == 2048 // 480
+    # Never more slots than the pool's share of a prefix bucket.
+    assert scoring.auto_candidates(short, 2048, candidates=10, devices=2, buckets=4) == 2
+    assert scoring.auto_candidates(short, 2048, candidates=1, devices=8, buckets=4) == 1
+    # A candidate whose tasks fill a call (or several) runs alone, as before.
+    assert scoring.auto_candidates([150] * 100, 2048, candidates=1000, devices=2, buckets=4) == 1
+    assert scoring.auto_candidates([1100], 2048, candidates=1000, devices=1, buckets=1) == 1
+    # A bigger budget (GPU/TPU) holds more candidates of the same tasks.
+    assert scoring.auto_candidates(short, 16384, candidates=1000, devices=1, buckets=4) == 16384 // 480
+
+
+def test_auto_candidates_engine_packs_several_candidates_per_device(tiny):
+    tasks = D.tokenize_tasks(tiny.tokenizer, _records(4, 10), D.Template(), D.TokenPolicy())
+    prefixes = D.tokenize_prefixes(tiny.tokenizer, _records(40), D.Template(), D.TokenPolicy())
+    one = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    engine = scoring.Engine(tiny.model, tasks, scoring.prefix_lengths_of(prefixes), mesh=one, log=lambda m: None)
+    lengths = [len(t) for t in tasks.ids]
+    expected = scoring.auto_candidates(lengths, 2048, 40, 1, len(engine.buckets))
+    assert engine.slots == engine.candidates_per_device == expected > 1
+    assert engine.slots * engine.row_length <= 2048

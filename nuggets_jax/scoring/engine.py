@@ -52,7 +52,9 @@ class EngineConfig:
     """Batching knobs. None of them changes a score beyond float32 rounding of different shapes.
 
     Attributes:
-      candidates_per_device: candidates per device in one call (C = this x devices).
+      candidates_per_device: candidates per device in one call (C = this x devices); 0 = auto
+        (`auto_candidates`): one when a candidate's tasks fill a call, else as many as
+        tokens_per_device holds (short task sets), never more than the pool fills.
       tokens_per_device: target task tokens per device per call (candidates_per_device x L); the
         row length L follows from it. 0 = per platform (AUTO_TOKENS_PER_DEVICE).
       row_length: L, tokens per packed task row (one row per candidate per call); 0 = chosen by
@@ -75,7 +77,7 @@ class EngineConfig:
         auto tokens_per_device the row size is halved until the compiled programs fit in it.
     """
 
-    candidates_per_device: int = 1
+    candidates_per_device: int = 0
     tokens_per_device: int = 0
     row_length: int = 0
     max_prefix_buckets: int = 4
@@ -211,11 +213,8 @@ class Engine:
         self.tasks = tasks
         self.num_tasks = len(tasks.ids)
         self.task_lengths = [len(t) for t in tasks.ids]
-        self.slots = config.candidates_per_device * sharding.data_size(self.mesh)  # C, global
         self.plan = sharding.ShardPlan.of(model.config, sharding.model_size(self.mesh))
-        self.local = sharding.local_slots(self.mesh, self.slots)
-        # One process: a lone candidate's rows can be dealt over the slots (`dispatch_dealt`).
-        dealable = jax.process_count() == 1 and self.slots > 1
+        self.num_candidates = max(1, len(prefix_lengths) - 1)  # the zero-shot prefix comes last
 
         graphdef, state = nnx.split(model)
         self.state_shardings = sharding.param_shardings(self.mesh, self.plan, state)
@@ -228,7 +227,7 @@ class Engine:
         auto_tokens = (config_in or EngineConfig()).tokens_per_device == 0
         t0 = time.perf_counter()
         while True:
-            self._lay_out(dealable, column_sets)
+            self._lay_out(column_sets)
             self._encode, self._step = self._compile(graphdef, model.dtype)
             self.program_bytes = max(memory.program_bytes(c) for c in [*self._encode.values(), *self._step.values()])
             if self.memory_limit is None or self.program_bytes <= memory.PROGRAM_SHARE * self.memory_limit:
@@ -250,9 +249,17 @@ class Engine:
         self._dealt_arrays: dict[tuple, tuple] = {}
         log(self._summary())
 
-    def _lay_out(self, dealable: bool, column_sets) -> None:
-        """Task layouts at the current tokens_per_device: rows of row_length tokens, one row per
-        group, task windows of a few widths."""
+    def _lay_out(self, column_sets) -> None:
+        """Slots and task layouts at the current tokens_per_device: C candidates per device, rows of
+        row_length tokens, one row per group, task windows of a few widths."""
+        devices = sharding.data_size(self.mesh)
+        self.candidates_per_device = self.config.candidates_per_device or auto_candidates(
+            self.task_lengths, self.config.tokens_per_device, self.num_candidates, devices, len(self.buckets)
+        )
+        self.slots = self.candidates_per_device * devices  # C, global
+        self.local = sharding.local_slots(self.mesh, self.slots)
+        # One process: a lone candidate's rows can be dealt over the slots (`dispatch_dealt`).
+        dealable = jax.process_count() == 1 and self.slots > 1
         self.row_length = self._row_length(dealable)
         self.window_widths = prefix_buckets(self.task_lengths, self.config.max_window_widths)
         self.layout = self._layouts([np.arange(self.num_tasks)])[0]
@@ -260,7 +267,7 @@ class Engine:
         self.rows_per_group = self.layout.groups[0].tokens.shape[0]
         # Row groups a block leftover can deal over the slots (`blocks.plan_blocks`); 0 = never.
         self.deal_groups = len(self.layout.groups) if dealable else 0
-        self.lm_chunk = max(8, self.config.lm_head_tokens // self.config.candidates_per_device)
+        self.lm_chunk = max(8, self.config.lm_head_tokens // self.candidates_per_device)
 
     def _check_params_fit(self, model: Llama) -> None:
         if self.memory_limit is None or self.param_bytes_per_device <= memory.PROGRAM_SHARE * self.memory_limit:
@@ -276,7 +283,7 @@ class Engine:
     def _row_length(self, dealable: bool) -> int:
         """L: the configured row length, or `plan_rows`'s (a row count the slots divide when dealable)."""
         config, longest = self.config, max(self.task_lengths)
-        per_call = config.tokens_per_device // config.candidates_per_device
+        per_call = config.tokens_per_device // self.candidates_per_device
         rows_multiple = self.slots if dealable else 1
         row_length = config.row_length or plan_rows(self.task_lengths, per_call, rows_multiple=rows_multiple)
         if row_length < longest:
@@ -484,6 +491,24 @@ class Engine:
     def pair_flops(self, prefix_length: int) -> float:
         """Model FLOPs of one candidate: its prefix once, then every task after it (`ModelConfig.candidate_flops`)."""
         return self.model_config.candidate_flops(prefix_length, self.task_lengths, self.tasks.n_tokens)
+
+
+def auto_candidates(
+    task_lengths: Sequence[int], tokens_per_device: int, candidates: int, devices: int, buckets: int
+) -> int:
+    """Candidates per device per call for candidates_per_device=0.
+
+    One candidate's tasks are packed as if it had a call of its own (`plan_rows`); when they fit
+    one row, as many candidates share a call as rows of that length fit `tokens_per_device`, so a
+    short task set fills a call as a long one does. The blocks of one prefix bucket share a width
+    (`blocks.plan_blocks`), so no more slots than the pool's share of a bucket
+    (candidates / (devices x buckets)), rounded up: a small pool is not padded with empty slots.
+    """
+    row = plan_rows(task_lengths, tokens_per_device)
+    if len(fewest_rows(task_lengths, row)) > 1:
+        return 1
+    share = -(-candidates // (devices * max(1, buckets)))
+    return max(1, min(tokens_per_device // row, share))
 
 
 def dealt_calls(groups: int, slots: int, k: int) -> int:

@@ -111,6 +111,14 @@ def devices() -> dict[str, Any]:
     }
 
 
+def cpu_choice(count: int, why: str, applied: bool) -> dict[str, Any]:
+    """run.json "devices.cpu_devices": the XLA:CPU devices chosen (job.cpu_devices) and whether
+    they took effect (not when the backend had already started in this process)."""
+    import jax
+
+    return {"chosen": count, "why": why, "applied": applied, "count": len(jax.devices("cpu"))}
+
+
 def model_info(model_config, model_dir, state, dtype: str) -> dict[str, Any]:
     """run.json "model": the config's path, the dtype it ran in, the resolved folder, the parameter count."""
     import jax
