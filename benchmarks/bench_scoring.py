@@ -14,7 +14,25 @@ candidate, every task's real tokens through the body, the LM head only on respon
 attention over real keys); the same count divides every system's time, so "% of peak" compares
 useful work, padding and recomputation excluded.
 
+Workloads (`--workload`; `--pool`, `--tasks`, `--num_candidates`, `--max_task_tokens` override a
+workload's values; all under the `original` preset so the PyTorch baseline runs the same tokens):
+
+- `paper` (default): 8 candidates of the paper's low-score pool `nuggets/alpaca_gpt4_bad.json` x the
+  paper's 100 tasks `nuggets/alpaca_gpt4_kmeans_100.json`, tasks cut at 200 tokens.
+- `default`: 32 candidates of the main job's generated default pool (`nuggets_jax.synthetic`, read
+  by the job's own loader) x all its 16 generated tasks. The main job scores them under the
+  `default` preset (a separator and special tokens: a few tokens more per pair); this workload
+  keeps `original` so the baseline, which implements only that preset, runs the same sequences.
+- `short`: 64 candidates of the public Stanford Alpaca pool (`alpagasus/random_9k.json`: a random
+  9,229-record sample of the original Alpaca-52k, text-davinci-003 outputs; its 4 records with an
+  empty output left out) x the paper's 100 tasks cut at 64 tokens (the baseline pads to 64 too).
+- `all`: the three in turn in one process (the model loaded once), then one combined table.
+
+The record files live in ../shared/data (their sources in ../shared/data/SOURCES.md).
+
     python -m benchmarks.bench_scoring --num_candidates 8 --out results.json
+    python -m benchmarks.bench_scoring --workload all --out results.json
+    python -m benchmarks.bench_scoring --workload short --num_candidates 4 --skip_no_cache --rounds 1
     python -m benchmarks.bench_scoring --num_candidates 1 --num_tasks 5          # smoke test
     python -m benchmarks.bench_scoring --engine.candidates_per_device 2 --skip_torch --skip_no_cache
     python -m benchmarks.bench_scoring --xla_flags=--xla_cpu_use_onednn=true --skip_torch
@@ -32,24 +50,100 @@ import pathlib
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from benchmarks import common
 
-TARGET_SPEEDUP = 1.75  # issue 6: pairs/s over the PyTorch baseline
-TARGET_PEAK_FRACTION = 0.80  # issue 6: useful FLOP/s over the matmul peak
+TARGET_SPEEDUP = 2.0  # pairs/s over the PyTorch baseline, on every workload
+TARGET_PEAK_FRACTION = 0.80  # useful FLOP/s over the same run's matmul peak, on every workload
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A named benchmark input: a sample of a pool against a task set.
+
+    Attributes:
+      name: the `--workload` value.
+      pool / tasks: record files, or `common.GENERATED` for the main job's generated data.
+      num_candidates: candidates sampled from the pool (seeded).
+      max_task_tokens: the task cut over the preset's; None = the preset's (200 for `original`).
+      skip_empty_outputs: leave out pool records with an empty output (the public Alpaca sample has 4).
+      about: one line for the report.
+    """
+
+    name: str
+    pool: str
+    tasks: str
+    num_candidates: int
+    max_task_tokens: int | None = None
+    skip_empty_outputs: bool = False
+    about: str = ""
+
+
+WORKLOADS = {
+    "paper": Workload(
+        "paper",
+        str(common.DEFAULT_POOL),
+        str(common.DEFAULT_TASKS),
+        8,
+        about="the paper's low-score Alpaca-GPT4 pool x its 100 k-means tasks, cut at 200",
+    ),
+    "default": Workload(
+        "default",
+        common.GENERATED,
+        common.GENERATED,
+        32,
+        about="the main job's generated default pool x its 16 generated tasks (original preset)",
+    ),
+    "short": Workload(
+        "short",
+        str(common.ALPACA_POOL),
+        str(common.DEFAULT_TASKS),
+        64,
+        max_task_tokens=64,
+        skip_empty_outputs=True,
+        about="public Alpaca pool (alpagasus random_9k) x the paper's 100 tasks cut at 64",
+    ),
+}
+
+
+def _per_workload(text: str) -> dict[str, int]:
+    """ "16" (every workload) or "paper=8,short=16" -> {workload: count}."""
+    try:
+        if "=" not in text:
+            return dict.fromkeys(WORKLOADS, int(text))
+        counts = {name.strip(): int(count) for name, count in (item.split("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a count or NAME=COUNT,... (e.g. paper=8,short=16)") from None
+    unknown = sorted(set(counts) - set(WORKLOADS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
+    return counts
 
 
 def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a HF dir or a .gguf file")
-    parser.add_argument("--pool", default=str(common.DEFAULT_POOL), help="candidate records (.json / .jsonl)")
-    parser.add_argument("--tasks", default=str(common.DEFAULT_TASKS), help="task records (.json / .jsonl)")
+    parser.add_argument("--workload", default="paper", choices=[*WORKLOADS, "all"], help="named inputs (see above)")
+    parser.add_argument(
+        "--pool",
+        default=None,
+        help="candidate records (.json / .jsonl, 'default' = generated); default: the workload's",
+    )
+    parser.add_argument(
+        "--tasks", default=None, help="task records (.json / .jsonl, 'default' = generated); default: the workload's"
+    )
     parser.add_argument("--preset", default="original")
-    parser.add_argument("--num_candidates", type=int, default=8)
+    parser.add_argument(
+        "--num_candidates",
+        type=_per_workload,
+        default=None,
+        help="one count for every workload, or per workload: 'paper=8,short=16'; default: the workload's",
+    )
+    parser.add_argument("--max_task_tokens", type=int, default=None, help="task cut; default: the workload's")
     parser.add_argument("--num_tasks", type=int, default=None, help="first N tasks only (smoke runs; default all)")
     parser.add_argument("--seed", type=int, default=0, help="candidate sampling seed")
     parser.add_argument("--rounds", type=int, default=2, help="candidate groups the systems take turns on")
@@ -126,8 +220,60 @@ def _per_token_diff(a: np.ndarray, b: np.ndarray, n_tokens: np.ndarray) -> float
     return float(np.max(np.abs(a.astype(np.float64) - b) / n_tokens))
 
 
+def resolve_workloads(args: argparse.Namespace) -> list[Workload]:
+    """The workloads to run (`--workload`, `all` = every one), explicit flags over their values.
+
+    Raises:
+      SystemExit: naming the file and what to do when a workload's record file is absent.
+    """
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    counts = args.num_candidates or {}
+    workloads = []
+    for name in names:
+        flags = {"pool": args.pool, "tasks": args.tasks, "num_candidates": counts.get(name)}
+        workload = dataclasses.replace(WORKLOADS[name], **{k: v for k, v in flags.items() if v is not None})
+        if args.max_task_tokens is not None:
+            workload = dataclasses.replace(workload, max_task_tokens=args.max_task_tokens)
+        for role in ("pool", "tasks"):
+            spec = getattr(workload, role)
+            path = pathlib.Path(spec).expanduser()
+            if spec == common.GENERATED or path.exists():
+                continue
+            public = path.resolve().is_relative_to(common.SHARED_DATA.resolve())
+            where = (
+                f"it is a public file expected under {common.SHARED_DATA} (sources: {common.SHARED_DATA}/SOURCES.md); "
+                "put the shared data folder next to the repository, or "
+                if public
+                else ""
+            )
+            raise SystemExit(
+                f"error: {path}: the {name!r} workload's {role} file is not there; {where}pass --{role} PATH "
+                "(a .json / .jsonl record file), or run --workload default (generated data, no files)."
+            )
+        workloads.append(workload)
+    return workloads
+
+
+@dataclasses.dataclass
+class _Session:
+    """What every workload of one run shares: the model, the engine config, the machine, the counter."""
+
+    args: argparse.Namespace
+    loaded: Any
+    engine_config: Any
+    engine_overrides: dict[str, Any]
+    machine: dict[str, Any]
+    compiles: common.CompileCounter
+    torch_model: Any
+    log: Callable[[str], None]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the comparison, prints tables, returns (and with --out writes) every number."""
+    """Runs the comparison, prints tables, returns (and with --out writes) every number.
+
+    One workload returns its numbers as one dict; `--workload all` returns
+    {"workloads": {name: that dict}, "summary": one row per workload and system, ...}.
+    """
     args, rest = _parse_args(argv)
     common.set_xla_flags(args.xla_flags)
     import jax
@@ -135,40 +281,98 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     common.set_cpu_devices(args.cpu_devices)
 
     from nuggets_jax.models import load_model
-    from nuggets_jax.scoring import engine as scoring
-    from nuggets_jax.scoring import one_shot as one_shot
-    from nuggets_jax.store import ScoreStore
 
     engine_config, engine_overrides = _engine_config(rest)
     if args.preset != "original" and not args.skip_torch:
         raise SystemExit("error: the PyTorch baseline implements the original preset only; add --skip_torch")
+    workloads = resolve_workloads(args)
     machine = common.machine_info()
 
     def log(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
     loaded = load_model(args.model, "float32")
+    torch_model = None
+    if not args.skip_torch:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from benchmarks import torch_baseline
+
+        torch.set_num_threads(args.torch_threads)
+        attn = args.torch_attn or torch_baseline.DEFAULT_ATTN_IMPLEMENTATION
+        torch_model = AutoModelForCausalLM.from_pretrained(
+            str(loaded.model_dir), dtype=torch.float32, attn_implementation=attn
+        ).eval()
+    session = _Session(
+        args, loaded, engine_config, engine_overrides, machine, common.CompileCounter(), torch_model, log
+    )
+    outputs = {workload.name: _run_workload(session, workload) for workload in workloads}
+    if len(outputs) == 1:
+        output = next(iter(outputs.values()))
+    else:
+        summary = _print_combined(outputs)
+        output = {
+            "machine": machine,
+            "args": vars(args),
+            "summary": summary,
+            "workloads": outputs,
+            "peak_rss_bytes": common.peak_rss_bytes(),
+            "jax_devices": [str(d) for d in jax.devices()],
+        }
+    if args.out:
+        common.write_json(args.out, output)
+    return output
+
+
+def _run_workload(session: _Session, workload: Workload) -> dict[str, Any]:
+    """Warm-up, interleaved timed rounds and report of one workload; returns every number."""
+    import jax
+
+    from nuggets_jax.scoring import engine as scoring
+    from nuggets_jax.scoring import one_shot as one_shot
+    from nuggets_jax.store import ScoreStore
+
+    args, loaded, log, compiles = session.args, session.loaded, session.log, session.compiles
+    machine = session.machine
+    if not args.skip_torch:
+        from benchmarks import torch_baseline
+    load_average_start = list(os.getloadavg())
+    log(f"workload {workload.name}: {workload.about}")
+
+    overrides = {"max_task_tokens": workload.max_task_tokens} if workload.max_task_tokens else None
     inputs = common.load_inputs(
-        loaded.tokenizer, args.pool, args.tasks, args.num_candidates, args.seed, args.num_tasks, args.preset
+        loaded.tokenizer,
+        workload.pool,
+        workload.tasks,
+        workload.num_candidates,
+        args.seed,
+        args.num_tasks,
+        args.preset,
+        overrides,
+        workload.skip_empty_outputs,
     )
     tasks, prefixes = inputs.tokenized_tasks, inputs.prefixes
+    task_cut = inputs.policy.max_task_tokens  # what the PyTorch baseline pads every task to
     summary = inputs.summary()
     num_candidates, num_tasks = len(inputs.candidates), len(inputs.tasks)
     n_tokens = np.asarray(tasks.n_tokens, np.float64)  # [T]
     task_tokens_per_candidate = sum(len(t) for t in tasks.ids)
     candidate_ids = [r.id for r in inputs.candidates]
     task_ids = [r.id for r in inputs.tasks]
+    if inputs.dropped:
+        log(f"left out {len(inputs.dropped)} pool record(s) with an empty output: {', '.join(inputs.dropped)}")
     log(
-        f"{num_candidates} candidates x {num_tasks} tasks ({args.preset}); task tokens mean "
+        f"{num_candidates} candidates x {num_tasks} tasks ({args.preset}, cut at {task_cut}); task tokens mean "
         f"{summary['task_tokens_mean']:.1f}, prefix tokens mean {summary['prefix_tokens_mean']:.1f}"
     )
 
     peaks = {"before": common.matmul_peak(args.matmul_size, args.matmul_repeats)}
     log(f"matmul peak before: {peaks['before']['flops_per_s'] / 1e9:.1f} GFLOP/s")
-    compiles = common.CompileCounter()
+    compiles.count, compiles.seconds = 0, 0.0
 
     # -- set up and warm up every system (nothing here is timed as throughput) ------------------
-    engine = scoring.Engine(loaded.model, tasks, scoring.prefix_lengths_of(prefixes), engine_config, log=log)
+    engine = scoring.Engine(loaded.model, tasks, scoring.prefix_lengths_of(prefixes), session.engine_config, log=log)
     workdir = tempfile.TemporaryDirectory(prefix="bench_scoring_")
     warm_start = time.perf_counter()
     with compiles:
@@ -200,18 +404,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             log=log,
         )
         no_cache.warm_up()
-    torch_model = torch_peak = None
+    torch_model, torch_peak = session.torch_model, None
     if not args.skip_torch:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from benchmarks import torch_baseline
-
-        torch.set_num_threads(args.torch_threads)
-        attn = args.torch_attn or torch_baseline.DEFAULT_ATTN_IMPLEMENTATION
-        torch_model = AutoModelForCausalLM.from_pretrained(
-            str(loaded.model_dir), dtype=torch.float32, attn_implementation=attn
-        ).eval()
         torch_peak = common.torch_matmul_peak(args.matmul_size, args.matmul_repeats, args.torch_threads)
         torch_baseline.score_original(
             torch_model,
@@ -219,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             inputs.candidate_dicts[:1],
             inputs.task_dicts[: args.torch_task_batch],
             task_batch=args.torch_task_batch,
+            max_task_tokens=task_cut,
             progress=False,
         )
 
@@ -283,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     [inputs.candidate_dicts[m] for m in members],
                     inputs.task_dicts,
                     task_batch=args.torch_task_batch,
-                    max_task_tokens=tasks_cut_length(args.preset),
+                    max_task_tokens=task_cut,
                     progress=args.progress,
                 )
                 ref["one_logp"][members], ref["one_correct"][members] = out["one_logp"], out["one_correct"]
@@ -354,8 +549,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ours_win = np.mean(ours["one_logp"] > zero["logp"][None, :], axis=1)  # [C]
     if not args.skip_torch:
         executed = sum(
-            num_tasks * common.original_pair_flops(model_config, len(p), tasks_cut_length(args.preset))
-            + model_config.prefix_flops(len(p))
+            num_tasks * common.original_pair_flops(model_config, len(p), task_cut) + model_config.prefix_flops(len(p))
             for p in prefixes.ids
         )
         results["torch"] = {
@@ -367,6 +561,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "threads": args.torch_threads,
             "attn_implementation": args.torch_attn or torch_baseline.DEFAULT_ATTN_IMPLEMENTATION,
             "task_batch": args.torch_task_batch,
+            "padded_task_tokens": task_cut,
         }
         results["torch_zero_shot"] = rates(ref["zero_s"][0], num_tasks, task_tokens_per_candidate, zero["flops"])
         rows += [
@@ -437,9 +632,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ]
     print(
         f"\n{machine['cpu_model']}, {machine['cpus_usable']} cores, jax {machine['versions']['jax']}, "
-        f"{machine['date_utc']}; {args.model} float32, {num_candidates} candidates x {num_tasks} tasks "
-        f"({args.preset}), {len(groups)} interleaved round(s); load average at start "
-        f"{machine['load_average'][0]:.1f}, at end {os.getloadavg()[0]:.1f}"
+        f"{machine['date_utc']}; {args.model} float32, workload {workload.name}: {num_candidates} candidates x "
+        f"{num_tasks} tasks ({args.preset}, tasks cut at {task_cut}), {len(groups)} interleaved round(s); "
+        f"load average at start {load_average_start[0]:.1f}, at end {os.getloadavg()[0]:.1f}"
     )
     common.print_table(
         ["system", "pairs", "seconds", "pairs/s", "task tok/s", "useful GFLOP/s", "% of peak", "x torch", "CPU use %"],
@@ -461,12 +656,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{100 * results['nuggets_jax']['fraction_of_best_matmul']:.1f}%"
     )
     facts = _engine_facts(engine)
-    print(f"engine: {facts}; overrides {engine_overrides or 'none'}")
+    print(f"engine: {facts}; overrides {session.engine_overrides or 'none'}")
     print(f"compiles: warm-up {warm_up['compiles']}, after warm-up {compiles.count}")
     if "torch" in results:
         print(
             f"torch executes {results['torch']['executed_flops'] / useful_flops:.2f}x the useful FLOPs "
-            f"(padding to {tasks_cut_length(args.preset)} tokens, full LM head): "
+            f"(padding to {task_cut} tokens, full LM head): "
             f"{100 * results['torch']['executed_fraction_of_peak']:.0f}% of peak executed"
         )
         a = agreement["torch"]
@@ -483,28 +678,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     if ratios:
         print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
-    targets = {
-        "useful_fraction_of_peak": (results["nuggets_jax"]["fraction_of_peak"], TARGET_PEAK_FRACTION),
-        "compiles_after_warmup": (compiles.count, 0),
-    }
-    if "nuggets_jax_over_torch" in ratios:
-        targets["speedup_over_torch"] = (ratios["nuggets_jax_over_torch"], TARGET_SPEEDUP)
-    met = {
-        name: bool(value == goal) if name == "compiles_after_warmup" else bool(value >= goal)
-        for name, (value, goal) in targets.items()
-    }
-    print(
-        "targets (issue 6): "
-        + ", ".join(
-            f"{name} {value:.3g} (want {'=' if name == 'compiles_after_warmup' else '>='} {goal}): "
-            f"{'met' if met[name] else 'NOT met'}"
-            for name, (value, goal) in targets.items()
-        )
-    )
+    targets = _targets(results, ratios)
+    print(f"targets ({workload.name}): {_format_targets(targets)}")
     rss = common.peak_rss_bytes()
     print(f"peak RSS {rss / 2**30:.2f} GiB")
 
     output = {
+        "workload": dataclasses.asdict(workload),
         "machine": machine,
         "args": vars(args),
         "engine_config": dataclasses.asdict(engine.config),
@@ -515,23 +695,86 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "results": results,
         "ratios": ratios,
         "agreement": agreement,
-        "targets": {name: {"value": v, "goal": g, "met": met[name]} for name, (v, g) in targets.items()},
+        "targets": targets,
         "timeline": timeline,
         "peak_rss_bytes": rss,
+        "load_average_start": load_average_start,
         "load_average_end": list(os.getloadavg()),
         "jax_devices": [str(d) for d in jax.devices()],
     }
     workdir.cleanup()
-    if args.out:
-        common.write_json(args.out, output)
     return output
 
 
-def tasks_cut_length(preset: str) -> int:
-    """The preset's task cut (what the PyTorch baseline pads to)."""
-    from nuggets_jax import data as data_lib
+def _targets(results: dict[str, Any], ratios: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Each target's value, goal and whether it is met (the speedup only where torch ran)."""
+    targets = {
+        "useful_fraction_of_peak": (results["nuggets_jax"]["fraction_of_peak"], TARGET_PEAK_FRACTION),
+        "compiles_after_warmup": (results["nuggets_jax"]["compiles_after_warmup"], 0),
+    }
+    if "nuggets_jax_over_torch" in ratios:
+        targets["speedup_over_torch"] = (ratios["nuggets_jax_over_torch"], TARGET_SPEEDUP)
+    return {
+        name: {
+            "value": value,
+            "goal": goal,
+            "met": bool(value == goal) if name == "compiles_after_warmup" else bool(value >= goal),
+        }
+        for name, (value, goal) in targets.items()
+    }
 
-    return data_lib.PRESETS[preset].max_task_tokens
+
+def _format_targets(targets: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(
+        f"{name} {t['value']:.3g} (want {'=' if name == 'compiles_after_warmup' else '>='} {t['goal']}) "
+        f"{'PASS' if t['met'] else 'MISS'}"
+        for name, t in targets.items()
+    )
+
+
+def _print_combined(outputs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table over the workloads (one-shot rows), each workload's targets; returns the rows."""
+    systems = {"nuggets_jax": "nuggets_jax", "torch": "torch baseline", "no_cache": "no prefix cache"}
+    summary = []
+    for name, output in outputs.items():
+        results = output["results"]
+        torch_pairs = results.get("torch", {}).get("pairs_per_s")
+        for key, label in systems.items():
+            if key in results:
+                r = results[key]
+                summary.append(
+                    {
+                        "workload": name,
+                        "system": label,
+                        "pairs": r["pairs"],
+                        "seconds": r["seconds"],
+                        "pairs_per_s": r["pairs_per_s"],
+                        "useful_gflops_per_s": r["useful_flops_per_s"] / 1e9,
+                        "percent_of_peak": 100 * r["fraction_of_peak"],
+                        "peak_gflops_per_s": output["matmul_peak"]["peak_flops_per_s"] / 1e9,
+                        "x_torch": r["pairs_per_s"] / torch_pairs if torch_pairs else None,
+                    }
+                )
+    common.print_table(
+        ["workload", "system", "pairs", "seconds", "pairs/s", "useful GFLOP/s", "% of same-run peak", "x torch"],
+        [
+            [
+                row["workload"],
+                row["system"],
+                row["pairs"],
+                row["seconds"],
+                row["pairs_per_s"],
+                row["useful_gflops_per_s"],
+                row["percent_of_peak"],
+                "" if row["x_torch"] is None else row["x_torch"],
+            ]
+            for row in summary
+        ],
+        title="all workloads, one-shot (each workload's peak = its own best jitted matmul of the run)",
+    )
+    for name, output in outputs.items():
+        print(f"targets ({name}): {_format_targets(output['targets'])}")
+    return summary
 
 
 if __name__ == "__main__":

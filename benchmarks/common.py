@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -16,6 +17,7 @@ import platform
 import resource
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,9 +25,14 @@ from typing import Any
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "nuggets"
+SHARED_DATA = REPO.parent / "shared" / "data"  # public record files, their sources in SOURCES.md there
+DATA = SHARED_DATA / "nuggets"
 DEFAULT_POOL = DATA / "alpaca_gpt4_bad.json"
 DEFAULT_TASKS = DATA / "alpaca_gpt4_kmeans_100.json"
+# A random 9,229-record sample of the original Stanford Alpaca-52k (text-davinci-003 outputs), from
+# gpt4life/alpagasus; 4 of its records have an empty output (`read_records(skip_empty_outputs=True)`).
+ALPACA_POOL = SHARED_DATA / "alpagasus" / "random_9k.json"
+GENERATED = "default"  # a pool or tasks spec meaning the main job's generated data, as `data.pool=default`
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -39,7 +46,9 @@ def set_xla_flags(flags: str | None) -> None:
 
 
 def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from nuggets_jax import sharding
+
+    return sharding.usable_cores()
 
 
 def set_cpu_devices(count: int) -> None:
@@ -49,9 +58,10 @@ def set_cpu_devices(count: int) -> None:
     candidates over devices). A single device spreads each op over the cores instead, which leaves
     cores idle in the many small attention and softmax ops of a block (BENCHMARKS.md, section 1).
     """
-    import jax
+    from nuggets_jax import sharding
 
-    jax.config.update("jax_num_cpu_devices", max(1, count))
+    if not sharding.set_cpu_devices(count):
+        raise RuntimeError("set_cpu_devices must run before jax's backend starts")
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -62,13 +72,16 @@ class BenchInputs:
     """A seeded sample of candidates and a task set, as records, dicts and token ids.
 
     Attributes:
-      candidate_indices: positions of the sampled candidates in the pool file.
+      candidate_indices: positions of the sampled candidates in the pool (after any dropped records).
       candidates: the sampled `nuggets_jax.data.Record`s.
       tasks: the task `Record`s.
       candidate_dicts / task_dicts: the same as plain dicts (what the PyTorch baseline takes).
       tokenized_tasks: `TokenizedTasks` under the preset's policy.
       prefixes: `TokenizedPrefixes` of the sampled candidates.
       preset: the preset name.
+      policy: the `TokenPolicy` the tokens follow (the preset with `overrides`).
+      pool_source / tasks_source: the files read, or the generator's name for generated data.
+      dropped: where each pool record left out for an empty output was (`skip_empty_outputs`).
     """
 
     candidate_indices: list[int]
@@ -79,6 +92,10 @@ class BenchInputs:
     tokenized_tasks: Any
     prefixes: Any
     preset: str
+    policy: Any
+    pool_source: str = ""
+    tasks_source: str = ""
+    dropped: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """Token counts of the sample, for the report."""
@@ -87,6 +104,10 @@ class BenchInputs:
         prefix_lengths = np.asarray([len(p) for p in prefixes.ids])
         return {
             "preset": self.preset,
+            "max_task_tokens": self.policy.max_task_tokens,
+            "pool": self.pool_source,
+            "tasks_file": self.tasks_source,
+            "pool_records_dropped": self.dropped,
             "candidates": len(self.candidates),
             "candidate_indices": self.candidate_indices,
             "tasks": len(self.tasks),
@@ -112,6 +133,51 @@ def sample_indices(pool_size: int, count: int, seed: int) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng(seed).permutation(pool_size)[:count])
 
 
+@functools.cache
+def _generated_records() -> dict[str, tuple[list[Any], str]]:
+    """The main job's generated pool and tasks, read by the job's own loader (`scoring.job.load_inputs`)."""
+    from configs import score as score_config
+    from nuggets_jax.scoring import job
+
+    config = score_config.get_config()
+    config.data.pool = config.data.tasks = GENERATED
+    with tempfile.TemporaryDirectory(prefix="bench_default_data_") as workdir:  # the job keeps a copy there
+        inputs = job.load_inputs(config, pathlib.Path(workdir))
+    return {"pool": (inputs.pool, inputs.pool_source), "tasks": (inputs.tasks, inputs.tasks_source)}
+
+
+def read_records(
+    spec: str | os.PathLike, role: str, skip_empty_outputs: bool = False
+) -> tuple[list[Any], str, list[str]]:
+    """The records of a pool or task set: a record file, or `GENERATED` for the main job's data.
+
+    Args:
+      spec: a .json / .jsonl / .parquet file, or "default" (the job's `data.pool=default`).
+      role: "pool" or "tasks".
+      skip_empty_outputs: leave out Alpaca records whose output is empty (the job refuses such a
+        file; a public sample with a few of them is still a fair speed workload).
+
+    Returns:
+      (records, source, dropped): `nuggets_jax.data.Record`s, what was read, and where each left-out
+      record was (`file[index]`).
+    """
+    from nuggets_jax import data as data_lib
+
+    if str(spec) == GENERATED:
+        records, source = _generated_records()[role]
+        return records, source, []
+    if not skip_empty_outputs:
+        return data_lib.read_records(spec, role), str(spec), []
+    objects = data_lib.read_objects(spec, f"data.{role}", what=f"{role} file", columns=data_lib.RECORD_COLUMNS)
+
+    def empty_output(obj: Any) -> bool:
+        return isinstance(obj, dict) and isinstance(obj.get("output"), str) and not obj["output"].strip()
+
+    dropped = [where for where, obj in objects if empty_output(obj)]
+    kept = [(where, obj) for where, obj in objects if not empty_output(obj)]
+    return data_lib.records_from_objects(kept, str(spec), role), str(spec), dropped
+
+
 def load_inputs(
     tokenizer: Any,
     pool_path: str | os.PathLike = DEFAULT_POOL,
@@ -121,26 +187,28 @@ def load_inputs(
     num_tasks: int | None = None,
     preset: str = "original",
     overrides: dict[str, Any] | None = None,
+    skip_empty_outputs: bool = False,
 ) -> BenchInputs:
     """Reads pool and tasks, samples the candidates, tokenizes both under `preset`.
 
     Args:
       tokenizer: the model's tokenizer.
-      pool_path: candidate records (.json list or .jsonl).
-      tasks_path: task records.
+      pool_path: candidate records (.json list or .jsonl), or "default" (the main job's generated pool).
+      tasks_path: task records, or "default" (the main job's generated tasks).
       num_candidates: how many candidates to sample (seeded, without replacement).
       seed: the sampling seed.
       num_tasks: keep only the first N tasks (smoke runs); None = all.
       preset: a key of `nuggets_jax.data.PRESETS`.
       overrides: `data.*` token-policy fields (separator, max_prefix_tokens, max_task_tokens) over the preset.
+      skip_empty_outputs: leave out pool records with an empty output (`read_records`).
 
     Returns:
       The sample, tokenized.
     """
     from nuggets_jax import data as data_lib
 
-    pool = data_lib.read_records(pool_path, "pool")
-    tasks = data_lib.read_records(tasks_path, "tasks")
+    pool, pool_source, dropped = read_records(pool_path, "pool", skip_empty_outputs)
+    tasks, tasks_source, _ = read_records(tasks_path, "tasks")
     if num_tasks is not None:
         if num_tasks < 1:
             raise ValueError(f"--num_tasks must be at least 1, got {num_tasks}")
@@ -149,7 +217,7 @@ def load_inputs(
     candidates = [pool[i] for i in indices]
     policy = data_lib.token_policy(preset, overrides)
     template = data_lib.Template()
-    tokenized_tasks = data_lib.tokenize_tasks(tokenizer, tasks, template, policy, str(tasks_path))
+    tokenized_tasks = data_lib.tokenize_tasks(tokenizer, tasks, template, policy, tasks_source)
     prefixes = data_lib.tokenize_prefixes(tokenizer, candidates, template, policy)
 
     def as_dict(record: Any) -> dict[str, str]:
@@ -164,6 +232,10 @@ def load_inputs(
         tokenized_tasks=tokenized_tasks,
         prefixes=prefixes,
         preset=preset,
+        policy=policy,
+        pool_source=pool_source,
+        tasks_source=tasks_source,
+        dropped=dropped,
     )
 
 
@@ -177,8 +249,8 @@ def subset_prefixes(prefixes: Any, members: Sequence[int]) -> Any:
 # -- the machine ----------------------------------------------------------------------------------
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
-    """FLOP/s of a jitted float32 [size, size] x [size, size] matmul, best of `repeats`.
+def matmul_peak(size: int = 2048, repeats: int = 10, dtype: Any = "float32") -> dict[str, Any]:
+    """FLOP/s of a jitted [size, size] x [size, size] matmul in `dtype`, best of `repeats`.
 
     The best repeat is the machine's limit for this kind of work right now: other load only
     slows a repeat down.
@@ -187,8 +259,7 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
     import jax.numpy as jnp
 
     keys = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(keys[0], (size, size), jnp.float32)
-    b = jax.random.normal(keys[1], (size, size), jnp.float32)
+    a, b = (jax.random.normal(k, (size, size), dtype) for k in keys)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     times = []
@@ -199,6 +270,7 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
     best = min(times)
     return {
         "size": size,
+        "dtype": str(jnp.dtype(dtype)),
         "repeats": repeats,
         "best_s": best,
         "median_s": float(np.median(times)),

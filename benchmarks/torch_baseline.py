@@ -118,7 +118,6 @@ def _score_logits(logits: torch.Tensor, ids: torch.Tensor, score: torch.Tensor) 
     return logp.cpu(), correct.cpu()
 
 
-@torch.no_grad()
 def score_original(
     model: Any,
     tokenizer: Any,
@@ -130,6 +129,8 @@ def score_original(
 ) -> dict[str, Any]:
     """Scores every (candidate, task) pair the way the original repository does.
 
+    Tokenizes the records (`tokenize_original`, `prefix_ids_original`) and runs `score_original_ids`.
+
     Args:
         model: a HF causal LM (its device and dtype are used as they are).
         tokenizer: the model's tokenizer.
@@ -140,26 +141,73 @@ def score_original(
         progress: show a tqdm bar over candidates.
 
     Returns:
-        dict with numpy arrays `zero_logp` [T] f32, `zero_correct` [T] i32, `n_tokens` [T] i32,
-        `one_logp` [C, T] f32, `one_correct` [C, T] i32, and `timings`: `zero_s`, `one_s` (seconds of the
-        zero-shot and one-shot passes), `pairs_per_s` and `task_tokens_per_s` (real, unpadded task tokens
-        of the one-shot pass per second).
+        What `score_original_ids` returns.
 
     Raises:
         ValueError: naming the task index when a task has no response token to score.
     """
-    device = next(model.parameters()).device
     tokenized = []
     for index, record in enumerate(tasks):
         try:
             tokenized.append(tokenize_original(tokenizer, record, max_task_tokens))
         except ValueError as error:
             raise ValueError(f"task {index}: {error}") from error
+    return score_original_ids(
+        model,
+        [ids for ids, _ in tokenized],
+        [start for _, start in tokenized],
+        [prefix_ids_original(tokenizer, record) for record in candidates],
+        task_batch=task_batch,
+        max_task_tokens=max_task_tokens,
+        progress=progress,
+    )
+
+
+@torch.no_grad()
+def score_original_ids(
+    model: Any,
+    task_ids: Sequence[Sequence[int]],
+    response_starts: Sequence[int],
+    prefix_ids: Sequence[Sequence[int]],
+    task_batch: int = 16,
+    max_task_tokens: int = 200,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The original scoring loop on token ids (tasks already cut, prefixes as they are).
+
+    Args:
+        model: a HF causal LM (its device and dtype are used as they are).
+        task_ids: per task its ids, prompt ++ response, at most `max_task_tokens` of them.
+        response_starts: per task the index of its first scored (response) token.
+        prefix_ids: per candidate its prefix ids; the one-shot sequence is these followed by the task.
+        task_batch: tasks per forward pass.
+        max_task_tokens: every task is right-padded to this many tokens.
+        progress: show a tqdm bar over candidates.
+
+    Returns:
+        dict with numpy arrays `zero_logp` [T] f32, `zero_correct` [T] i32, `n_tokens` [T] i32,
+        `one_logp` [C, T] f32, `one_correct` [C, T] i32, and `timings`: `zero_s`, `one_s` (seconds of the
+        zero-shot and one-shot passes), `pairs_per_s` and `task_tokens_per_s` (real, unpadded task tokens
+        of the one-shot pass per second).
+
+    Raises:
+        ValueError: naming the task index when a task is longer than `max_task_tokens` or has no
+            response token to score.
+    """
+    device = next(model.parameters()).device
+    tokenized = []
+    for index, (ids, start) in enumerate(zip(task_ids, response_starts, strict=True)):
+        ids, start = [int(i) for i in ids], int(start)
+        if len(ids) > max_task_tokens:
+            raise ValueError(f"task {index}: {len(ids)} tokens, more than max_task_tokens={max_task_tokens}; cut it")
+        if not 0 < start < len(ids):
+            raise ValueError(f"task {index}: response start {start} leaves no response token in {len(ids)} tokens")
+        tokenized.append((ids, start))
     n_tokens = np.array([len(ids) - start for ids, start in tokenized], dtype=np.int32)  # [T]
     real_task_tokens = sum(len(ids) for ids, _ in tokenized)
     ids, mask, score = _pad_tasks(tokenized, max_task_tokens)
     ids, mask, score = ids.to(device), mask.to(device), score.to(device)
-    num_tasks = len(tasks)
+    num_tasks = len(tokenized)
     batches = [slice(b, min(b + task_batch, num_tasks)) for b in range(0, num_tasks, task_batch)]
 
     start_time = time.perf_counter()
@@ -172,15 +220,15 @@ def score_original(
     zero_s = time.perf_counter() - start_time
 
     start_time = time.perf_counter()
-    one_logp = np.zeros((len(candidates), num_tasks), np.float32)
-    one_correct = np.zeros((len(candidates), num_tasks), np.int32)
-    candidate_iter = enumerate(candidates)
+    one_logp = np.zeros((len(prefix_ids), num_tasks), np.float32)
+    one_correct = np.zeros((len(prefix_ids), num_tasks), np.int32)
+    candidate_iter = enumerate(prefix_ids)
     if progress:
         from tqdm import tqdm
 
-        candidate_iter = tqdm(candidate_iter, total=len(candidates), desc="one-shot", file=sys.stderr)
-    for c, record in candidate_iter:
-        prefix = torch.tensor([prefix_ids_original(tokenizer, record)], dtype=torch.long, device=device)
+        candidate_iter = tqdm(candidate_iter, total=len(prefix_ids), desc="one-shot", file=sys.stderr)
+    for c, candidate_ids in candidate_iter:
+        prefix = torch.tensor([list(candidate_ids)], dtype=torch.long, device=device)
         prefix_len = prefix.shape[1]
         # Only the K/V of the prefix is needed, so skip its LM head except for one position.
         prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
@@ -203,7 +251,7 @@ def score_original(
             one_logp[c, batch], one_correct[c, batch] = logp.numpy(), correct.numpy()
     one_s = time.perf_counter() - start_time
 
-    pairs = len(candidates) * num_tasks
+    pairs = len(prefix_ids) * num_tasks
     return {
         "zero_logp": zero_logp,
         "zero_correct": zero_correct,
@@ -214,7 +262,7 @@ def score_original(
             "zero_s": zero_s,
             "one_s": one_s,
             "pairs_per_s": pairs / one_s if one_s > 0 else float("nan"),
-            "task_tokens_per_s": len(candidates) * real_task_tokens / one_s if one_s > 0 else float("nan"),
+            "task_tokens_per_s": len(prefix_ids) * real_task_tokens / one_s if one_s > 0 else float("nan"),
         },
     }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from collections.abc import Mapping
 
 import jax
@@ -54,14 +55,18 @@ def initialize(config: DistributedConfig) -> None:
     )
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_cpu_devices(count: int) -> bool:
     """Splits the host into `count` XLA:CPU devices; False (nothing changed) once the backend has
     started, e.g. a second job in one process. The setting does nothing for GPUs and TPUs."""
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
+    try:
+        jax.config.update("jax_num_cpu_devices", max(1, count))
+    except RuntimeError:  # JAX refuses the setting once a backend is up
         return False
-    jax.config.update("jax_num_cpu_devices", max(1, count))
     return True
 
 

@@ -49,6 +49,8 @@ def args(model_dir, inputs, workdir, extra=(), driver=False):
         f"--config.data.pool={inputs[0]}",
         f"--config.data.tasks={inputs[1]}",
         "--config.scoring.chunk_candidates=4",
+        # One candidate per device: the traffic bounds count rows padded to one block per process.
+        "--config.scoring.candidates_per_device=1",
         "--config.progress=False",
         "--config.report=False",
         f"--workdir={workdir}",

@@ -118,7 +118,7 @@ def cpu_devices(config) -> tuple[int, str]:
         return count, f"JAX_NUM_CPU_DEVICES={count}"
     if config.distributed.enabled:
         return 1, "auto: one per process under jax.distributed"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = sharding.usable_cores()
     why = f"auto: one per usable core ({cores})"
     try:
         from nuggets_jax import models
