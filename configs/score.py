@@ -22,7 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "default" (shared special-token policy, "\n\n" separator, 512-token cuts) or "original"
     # (the original repository: no separator, zero-shot without special tokens, tasks cut at 200).
     config.preset = arg.preset
-    # Ranking metric: win_rate | mean_logp_gain | mean_ppl_drop | token_acc_gain.
+    # Ranking metric: win_rate | mean_logp_gain | mean_ppl_drop | token_acc_gain (Nuggets, against the
+    # task set), or a baseline: perplexity | ifd | response_ppl | length | random (one pass per
+    # candidate, no task set; see `baselines` below).
     config.metric = "win_rate"
     config.seed = 0
 
@@ -97,6 +99,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.adaptive.seed = 0  # the task permutation the rounds follow
     config.adaptive.grid = 201  # hypothesised means per betting interval (resolution of its ends)
     config.adaptive.range_margin = 0.5  # mean_logp_gain: widening of the observed per-task range
+
+    # Baseline scores (nuggets_jax.metrics.BASELINE_FORMULAS): each candidate's response scored after
+    # its prompt and alone, with the same model and engine. Computed when the metric is one of them.
+    config.baselines = ml_collections.ConfigDict()
+    config.baselines.compute = False  # also in a Nuggets run: extra columns in ranking.jsonl and the report
+    config.baselines.seed = 0  # the `random` baseline
+    config.baselines.ifd_max = 1.0  # IFD at or above it -> NaN, ranked last (Cherry_LLM's filter); inf = keep all
+    config.baselines.chunk_records = 1024  # candidates per saved chunk of the pass
 
     config.distributed = ml_collections.ConfigDict()
     config.distributed.enabled = False  # jax.distributed.initialize() (automatic on TPU pods / SLURM)

@@ -189,6 +189,42 @@ def compute_all(
     return {name: compute_metric(name, scores, columns) for name in METRICS}
 
 
+# Baseline scores (Ivison et al. 2025 compare selectors against them): one pass per candidate, no
+# task set (`scoring.baselines` computes the arrays). Oriented like the metrics: higher ranks first.
+BASELINES = ("perplexity", "ifd", "response_ppl", "length", "random")
+BASELINE_FORMULAS: dict[str, str] = {
+    "perplexity": "exp(-cond_logp[c] / cond_tokens[c]): the response's perplexity after its prompt",
+    "ifd": "PPL(response | prompt) / PPL(response alone) (Cherry_LLM's IFD); NaN when >= baselines.ifd_max",
+    "response_ppl": "exp(-resp_logp[c] / resp_tokens[c]): the response's perplexity without its prompt",
+    "length": "response tokens before any cut",
+    "random": "uniform in [0, 1), seeded by baselines.seed",
+}
+# Per candidate: summed response log-probs after the prompt and alone, their token counts, the length.
+BASELINE_ARRAYS = ("cond_logp", "cond_tokens", "resp_logp", "resp_tokens", "length")
+
+
+def baseline_scores(arrays: Mapping[str, np.ndarray], seed: int = 0, ifd_max: float = 1.0) -> dict[str, np.ndarray]:
+    """Every baseline score [C] (float64, `BASELINE_FORMULAS`) from the pass's arrays (`BASELINE_ARRAYS`).
+
+    A candidate without a response token to score alone has NaN `response_ppl` and `ifd`.
+    """
+    cond_logp = np.asarray(arrays["cond_logp"], np.float64)
+    resp_logp = np.asarray(arrays["resp_logp"], np.float64)
+    cond_n = np.asarray(arrays["cond_tokens"], np.float64)
+    resp_n = np.asarray(arrays["resp_tokens"], np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cond_nll, resp_nll = -cond_logp / cond_n, np.where(resp_n > 0, -resp_logp / resp_n, np.nan)
+        ifd = np.exp(cond_nll - resp_nll)
+        ifd = np.where(ifd < ifd_max, ifd, np.nan)
+    return {
+        "perplexity": np.exp(cond_nll),
+        "ifd": ifd,
+        "response_ppl": np.exp(resp_nll),
+        "length": np.asarray(arrays["length"], np.float64),
+        "random": np.random.default_rng(seed).random(cond_logp.size),
+    }
+
+
 def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float:
     """Area under the ROC curve: P(a random positive scores higher than a random negative).
 

@@ -116,13 +116,13 @@ class ScoreStore:
 
         Reads this process's chunks, or with `every_process` those of every process. Exact chunks
         hold whole rows; an adaptive round's chunk adds its task "columns". The "zero" chunk (the
-        zero-shot pass) holds no candidate.
+        zero-shot pass) and the "baselines-" chunks (the baseline pass) hold no candidate rows.
         """
         logp = np.full((num_candidates, num_tasks), np.nan, np.float32)
         correct = np.zeros((num_candidates, num_tasks), np.int32)
         chunks = self.every_process_names() if every_process else [(None, name) for name in self.names()]
         for process_index, name in chunks:
-            if name == "zero":
+            if name == "zero" or name.startswith("baselines-"):
                 continue
             chunk = self.read(name, process_index)
             cols = chunk["columns"] if "columns" in chunk else np.arange(num_tasks)

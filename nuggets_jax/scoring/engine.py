@@ -438,6 +438,12 @@ class Engine:
             pending.append((group, step(self.state, cache, *self._dealt_arrays[key])))
         return pending
 
+    def forget_dealt(self, layout: TaskLayout) -> None:
+        """Drops the device copies of `layout`'s dealt row groups (a pass over many column subsets
+        keeps only the current one's)."""
+        for key in [k for k in self._dealt_arrays if k[0] == id(layout)]:
+            del self._dealt_arrays[key]
+
     def calls_per_block(self, dealt: Sequence[int] | None = None, layout: TaskLayout | None = None) -> int:
         """Step calls of one block: one per row group, or for k dealt candidates `dealt_calls`."""
         n_groups = len((layout or self.layout).groups)

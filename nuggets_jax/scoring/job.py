@@ -28,6 +28,7 @@ from nuggets_jax import store as store_lib
 from nuggets_jax.errors import UserError
 from nuggets_jax.scoring import run_info
 from nuggets_jax.scoring.adaptive.config import AdaptiveConfig
+from nuggets_jax.scoring.baselines import BaselineConfig
 
 if TYPE_CHECKING:  # imported with the model code, in `validate`
     from nuggets_jax.scoring.engine import EngineConfig
@@ -71,7 +72,9 @@ class ScoreSpec:
       engine: the batching knobs (`scoring.*`).
       adaptive: the adaptive settings (also read in exact mode, to complete an adaptive workdir).
       mode: "exact" or "adaptive".
-      metric: the ranking metric.
+      metric: the ranking metric: a Nuggets metric (`metrics.METRICS`) or a baseline
+        (`metrics.BASELINES`: one pass per candidate, no task set).
+      baselines: the baseline settings (`baselines.*`).
     """
 
     policy: data_lib.TokenPolicy
@@ -81,6 +84,17 @@ class ScoreSpec:
     adaptive: AdaptiveConfig
     mode: str
     metric: str
+    baselines: BaselineConfig = BaselineConfig()
+
+    @property
+    def nuggets(self) -> bool:
+        """Whether the run scores the pool against the task set (not for a baseline metric)."""
+        return self.metric not in metrics_lib.BASELINES
+
+    @property
+    def with_baselines(self) -> bool:
+        """Whether the run makes the baseline pass (a baseline metric, or `baselines.compute`)."""
+        return not self.nuggets or self.baselines.compute
 
 
 def mesh_degree(config) -> int:
@@ -147,8 +161,10 @@ def template_for(spec: ScoreSpec, tokenizer, model_path: str):
 
 def validate(config) -> ScoreSpec:
     """Checks everything that can be checked before loading a model; returns the resolved spec."""
-    if config.metric not in metrics_lib.METRICS:
-        raise JobError(f"unknown metric {config.metric!r}; choose one of: {', '.join(metrics_lib.METRICS)}.")
+    known = (*metrics_lib.METRICS, *metrics_lib.BASELINES)
+    if config.metric not in known:
+        raise JobError(f"unknown metric {config.metric!r}; choose one of: {', '.join(known)}.")
+    baselines = BaselineConfig.from_mapping(config.get("baselines"))
     from nuggets_jax.models import DTYPES
     from nuggets_jax.scoring.engine import EngineConfig
 
@@ -166,6 +182,11 @@ def validate(config) -> ScoreSpec:
         raise JobError(f"unknown scoring.mode {config.scoring.mode!r}; choose exact or adaptive.")
     adaptive = AdaptiveConfig.from_mapping(config.adaptive)
     if config.scoring.mode == "adaptive":
+        if baselines.compute:
+            raise JobError(
+                "baselines.compute=True needs scoring.mode=exact; compute the baselines in a run of their own "
+                "(metric=ifd, perplexity, length or random)."
+            )
         if config.metric not in metrics_lib.ADAPTIVE_METRICS:
             raise JobError(
                 f"scoring.mode=adaptive supports metric {' | '.join(metrics_lib.ADAPTIVE_METRICS)}, "
@@ -187,6 +208,7 @@ def validate(config) -> ScoreSpec:
         adaptive=adaptive,
         mode=config.scoring.mode,
         metric=config.metric,
+        baselines=baselines,
     )
 
 
@@ -316,71 +338,94 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     if sharding.is_main():
         store_lib.atomic_write_bytes(workdir / "config.json", config.to_json(indent=2).encode())
     with timings.timed("tokenize_s"):
-        tasks, prefixes = tokenize(loaded.tokenizer, inputs, spec, template, log)
+        tasks, prefixes = tokenize(loaded.tokenizer, inputs, spec, template, log) if spec.nuggets else (None, None)
+        seqs = None
+        if spec.with_baselines:
+            from nuggets_jax.scoring import baselines
 
-    engine, partial = build_engine(spec, loaded.model, tasks, prefixes, store, log, mesh)
+            seqs = baselines.sequences(loaded.tokenizer, inputs.pool, template, spec.policy, inputs.pool_source)
+    engine = partial = base_engine = None
+    if spec.nuggets:
+        engine, partial = build_engine(spec, loaded.model, tasks, prefixes, store, log, mesh)
+    if seqs is not None:
+        base_engine = baselines.build_engine(loaded.model, seqs, spec.baselines, spec.engine, mesh, log)
     traffic = {"load_and_build": sum(sharding.TRAFFIC.values()) - traffic_start}
     traffic_before = dict(sharding.TRAFFIC)
-    timings.compile_s = engine.compile_s
+    timings.compile_s = sum(e.compile_s for e in (engine, base_engine) if e is not None)
     compiles = _CompileCounter()
-    candidate_ids, task_ids = [r.id for r in inputs.pool], [r.id for r in inputs.tasks]
-    zero_logp, zero_correct, zero_stats = zero_shot(engine, prefixes, store, task_ids)
-    timings.zero_shot_s = zero_stats.wall_s
-    shared = dict(chunk_candidates=config.scoring.chunk_candidates, progress=config.progress, log=log)
-    if spec.mode == "adaptive":
-        from nuggets_jax.scoring.adaptive import rounds as adaptive
-        from nuggets_jax.scoring.adaptive.rule import Rule
+    candidate_ids = [r.id for r in inputs.pool]
+    task_ids = [r.id for r in inputs.tasks] if spec.nuggets else []
+    zero_stats = one = rule = base = None
+    if spec.nuggets:
+        zero_logp, zero_correct, zero_stats = zero_shot(engine, prefixes, store, task_ids)
+        timings.zero_shot_s = zero_stats.wall_s
+        shared = dict(chunk_candidates=config.scoring.chunk_candidates, progress=config.progress, log=log)
+        if spec.mode == "adaptive":
+            from nuggets_jax.scoring.adaptive import rounds as adaptive
+            from nuggets_jax.scoring.adaptive.rule import Rule
 
-        rule = Rule.from_selection(spec.selection, len(candidate_ids))
-        one = adaptive.run_adaptive(
-            engine, prefixes, store, candidate_ids, task_ids, zero_logp, zero_correct, tasks.n_tokens,
-            spec.metric, rule, spec.adaptive, **shared,
-        )  # fmt: skip
-    else:
-        rule, one = None, score_exact(spec, engine, prefixes, store, candidate_ids, task_ids, partial, shared)
-    timings.one_shot_s = one.stats.wall_s
+            rule = Rule.from_selection(spec.selection, len(candidate_ids))
+            one = adaptive.run_adaptive(
+                engine, prefixes, store, candidate_ids, task_ids, zero_logp, zero_correct, tasks.n_tokens,
+                spec.metric, rule, spec.adaptive, **shared,
+            )  # fmt: skip
+        else:
+            one = score_exact(spec, engine, prefixes, store, candidate_ids, task_ids, partial, shared)
+        timings.one_shot_s = one.stats.wall_s
+    if seqs is not None:
+        base = baselines.run_baselines(base_engine, seqs, store, spec.baselines, progress=config.progress)
+        timings.baselines_s = base.stats.wall_s
 
     records = [{**r.raw, "id": r.raw.get("id", r.position)} for r in inputs.pool]
     selected, adaptive_summary = None, {}
     with timings.timed("write_s"):
         if sharding.is_main():
-            scores = {
-                "zero_logp": zero_logp.astype(np.float32),
-                "zero_correct": zero_correct.astype(np.int32),
-                "n_tokens": tasks.n_tokens.astype(np.int32),
-                "one_logp": one.one_logp,
-                "one_correct": one.one_correct,
-                "candidate_ids": np.asarray(candidate_ids),
-                "task_ids": np.asarray(task_ids),
-            }
+            scores = None
+            if spec.nuggets:
+                scores = {
+                    "zero_logp": zero_logp.astype(np.float32),
+                    "zero_correct": zero_correct.astype(np.int32),
+                    "n_tokens": tasks.n_tokens.astype(np.int32),
+                    "one_logp": one.one_logp,
+                    "one_correct": one.one_correct,
+                    "candidate_ids": np.asarray(candidate_ids),
+                    "task_ids": np.asarray(task_ids),
+                }
             source = None if config.data.pool == "default" else inputs.pool_source
-            selected, adaptive_summary = write_outputs(workdir, spec, scores, records, one, rule, source=source)
+            selected, adaptive_summary = write_outputs(
+                workdir, spec, scores, records, one, rule, source=source, baselines=base.arrays if base else None
+            )
 
-    passes = [zero_stats, one.stats]
+    # Throughputs: of the Nuggets passes, or of the baseline pass in a baseline run.
+    from nuggets_jax.scoring.engine import PassStats
+
+    passes = [zero_stats, one.stats] if spec.nuggets else [base.stats]
     busy = max(sum(p.wall_s for p in passes), 1e-9)
+    shown = engine or base_engine
     run = run_info.RunInfo(
         devices={**run_info.devices(), "cpu_devices": run_info.cpu_choice(cpu_count, cpu_why, cpu_applied)},
-        model=run_info.model_info(config.model, loaded.model_dir, engine.state, dtype),
-        mesh=dict(engine.mesh.shape),
-        param_bytes_per_device=engine.param_bytes_per_device,
-        program_bytes_per_device=engine.program_bytes,
+        model=run_info.model_info(config.model, loaded.model_dir, shown.state, dtype),
+        mesh=dict(shown.mesh.shape),
+        param_bytes_per_device=shown.param_bytes_per_device,
+        program_bytes_per_device=max(e.program_bytes for e in (engine, base_engine) if e is not None),
         host_traffic={**traffic, **{k: v - traffic_before.get(k, 0) for k, v in sharding.TRAFFIC.items()}},
         counts=run_info.Counts.of(len(candidate_ids), len(task_ids), selected),
         timings=timings,
-        zero_shot=zero_stats.as_dict(),
-        one_shot=one.stats.as_dict(),
+        zero_shot=(zero_stats or PassStats()).as_dict(),
+        one_shot=(one.stats if one else PassStats()).as_dict(),
         tokens_per_s=sum(p.task_tokens for p in passes) / busy,
         pairs_per_s=sum(p.pairs for p in passes) / busy,
         flops_per_s=sum(p.flops for p in passes) / busy,
         wall_s=time.perf_counter() - t_start,
-        programs_compiled=engine.programs,
+        programs_compiled=sum(e.programs for e in (engine, base_engine) if e is not None),
         compiles_after_warmup=compiles.count,
-        buckets=run_info.engine_shapes(engine),
-        cuts=run_info.Cuts.of(prefixes, tasks, spec.policy),
-        resumed_candidates=one.resumed_candidates,
+        buckets=run_info.engine_shapes(shown),
+        cuts=run_info.Cuts.of(prefixes, tasks, spec.policy) if spec.nuggets else run_info.Cuts.of_baselines(seqs, spec.policy),
+        resumed_candidates=one.resumed_candidates if one else base.resumed_candidates,
         selection=spec.selection.as_dict(),
-        mode=spec.mode,
+        mode=spec.mode if spec.nuggets else "baselines",
         **{key: adaptive_summary.get(key) for key in run_info.ADAPTIVE_ONLY},
+        baselines=base.stats.as_dict() if base else None,
         jax=jax.__version__,
     ).as_dict()
     compiles.close()
@@ -458,14 +503,22 @@ def score_exact(spec: ScoreSpec, engine, prefixes, store, candidate_ids, task_id
 
 
 def write_outputs(
-    workdir: pathlib.Path, spec: ScoreSpec, scores, records, one, rule, source=None
+    workdir: pathlib.Path, spec: ScoreSpec, scores, records, one, rule, source=None, baselines=None
 ) -> tuple[np.ndarray, dict]:
-    """scores.npz, ranking.jsonl and the golden set (adaptive: and adaptive.jsonl); returns the golden
-    set and, in adaptive mode, run.json's additions (`rounds.summary`).
+    """scores.npz (a Nuggets run), baselines.npz (with the baselines), ranking.jsonl and the golden
+    set (adaptive: and adaptive.jsonl); returns the golden set and, in adaptive mode, run.json's
+    additions (`rounds.summary`).
 
     The golden set is written in the pool's format (`select.write_golden_as`; `source` is the pool
-    path, None for a generated pool: golden.json), with ranking.parquet for a Parquet or datasets pool."""
-    store_lib.write_npz(workdir / "scores.npz", scores)
+    path, None for a generated pool: golden.json), with ranking.parquet for a Parquet or datasets pool.
+    The ranking holds every Nuggets metric, then every baseline score (`metrics.BASELINES`) when
+    the baseline pass ran."""
+    if scores is not None:
+        store_lib.write_npz(workdir / "scores.npz", scores)
+    values = {}
+    if baselines is not None:
+        values = metrics_lib.baseline_scores(baselines, spec.baselines.seed, spec.baselines.ifd_max)
+        store_lib.write_npz(workdir / "baselines.npz", {**baselines, **values})
     if spec.mode == "adaptive":
         from nuggets_jax.scoring.adaptive import rounds as adaptive
 
@@ -474,7 +527,8 @@ def write_outputs(
             workdir, records, one.decisions, spec.metric, spec.adaptive, rule, source=source
         )
         return one.decisions.selected, summary
-    values = metrics_lib.compute_all(scores)
+    if scores is not None:
+        values = {**metrics_lib.compute_all(scores), **values}
     select_lib.write_ranking(workdir / "ranking.jsonl", records, values, spec.metric)
     select_lib.write_ranking_table(workdir, source, records, values, spec.metric)
     selected = spec.selection.select(values[spec.metric])

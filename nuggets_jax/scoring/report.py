@@ -23,9 +23,11 @@ import numpy as np
 from nuggets_jax import data as data_lib
 from nuggets_jax import plots as plots_lib
 from nuggets_jax.errors import UserError
-from nuggets_jax.metrics import METRIC_FORMULAS, METRICS, auroc, spearman
+from nuggets_jax.metrics import BASELINE_FORMULAS, BASELINES, METRIC_FORMULAS, METRICS, auroc, spearman
 from nuggets_jax.plots import CLEAN
 from nuggets_jax.select import SelectionError, SelectionRule, golden_path, rank_order, read_golden, read_ranking
+
+FORMULAS = {**METRIC_FORMULAS, **BASELINE_FORMULAS}
 
 NA = "n/a"
 _TEXT_CHARS = 120
@@ -303,7 +305,7 @@ def _metrics_section(values: dict[str, np.ndarray], metric: str) -> str:
         '"unscored" counts candidates without a value.\n\n'
         + plots_lib.markdown_table(["metric", "mean", "std", "min", "median", "max", "unscored"], rows)
         + "\n"
-        + "".join(f"- `{name}`: {METRIC_FORMULAS.get(name, NA)}\n" for name in values)
+        + "".join(f"- `{name}`: {FORMULAS.get(name, NA)}\n" for name in values)
         + f"\nFraction of candidates with win_rate > 0.5: {NA if win is None else f'{np.mean(win > 0.5):.1%}'}\n"
     )
 
@@ -364,7 +366,7 @@ def write_report(
     scores = _read_scores(workdir / "scores.npz")  # arrays, or the reason there are none
     run_metric = _get(config, "metric")
     metric = metric or run_metric or "win_rate"
-    names = [name for name in METRICS if any(name in line for line in lines)]
+    names = [name for name in (*METRICS, *BASELINES) if any(name in line for line in lines)]
     if metric not in names:
         raise ReportError(f"metric {metric!r} is not in ranking.jsonl; it has: {', '.join(names) or 'none'}")
     golden_ranks = {_get(item, "nuggets.rank") for item in golden} if isinstance(golden, list) else set()

@@ -23,6 +23,7 @@ class Timings:
     compile_s: float = 0.0
     zero_shot_s: float = 0.0
     one_shot_s: float = 0.0
+    baselines_s: float = 0.0
     write_s: float = 0.0
 
     @contextlib.contextmanager
@@ -56,15 +57,24 @@ class Cuts:
         """From the tokenized pool and tasks and the token policy that cut them."""
         return cls(int(prefixes.cut.sum()), int(tasks.cut.sum()), policy.max_prefix_tokens, policy.max_task_tokens)
 
+    @classmethod
+    def of_baselines(cls, seqs, policy) -> Cuts:
+        """A baseline run's: candidates whose record was cut at max_task_tokens, no task set."""
+        cut = int(seqs.tasks.cut[: seqs.length.size].sum())
+        return cls(cut, 0, None, policy.max_task_tokens)
+
 
 ADAPTIVE_ONLY = ("pairs_scored", "pairs_exact", "compute_fraction", "adaptive")
+# Written only when the baseline pass ran (its PassStats; "pairs" counts its sequences).
+BASELINES_ONLY = ("baselines",)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunInfo:
     """run.json: what ran, on what, how fast. Throughputs count what this invocation computed (a
     resumed run only its own work); the `ADAPTIVE_ONLY` fields (`rounds.summary`) are written in
-    adaptive mode only."""
+    adaptive mode only, `baselines` when the baseline pass ran. A baseline run (its metric a
+    baseline; `mode` "baselines") has no task set: its throughputs are the baseline pass's."""
 
     devices: dict[str, Any]  # count, platform, kind, processes, host
     model: dict[str, Any]  # path, dir, dtype, parameters
@@ -92,10 +102,11 @@ class RunInfo:
     compute_fraction: float | None
     adaptive: dict[str, Any] | None
     jax: str
+    baselines: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         info = dataclasses.asdict(self)
-        return {k: v for k, v in info.items() if not (k in ADAPTIVE_ONLY and v is None)}
+        return {k: v for k, v in info.items() if not (k in (*ADAPTIVE_ONLY, *BASELINES_ONLY) and v is None)}
 
 
 def devices() -> dict[str, Any]:
