@@ -38,7 +38,12 @@ def _sum_logp(model, rows: list[list[int]], scored_from: list[int]) -> np.ndarra
     logits = np.asarray(model(jnp.asarray(tokens))).astype(np.float64)
     peak = logits.max(-1, keepdims=True)
     logp = logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
-    return np.asarray([sum(logp[i, q - 1, r[q]] for q in range(s, len(r))) for i, (r, s) in enumerate(zip(rows, scored_from))])
+    return np.asarray(
+        [
+            sum(logp[i, q - 1, r[q]] for q in range(s, len(r)))
+            for i, (r, s) in enumerate(zip(rows, scored_from, strict=True))
+        ]
+    )
 
 
 def _direct(model, tokenizer, records):
@@ -47,7 +52,7 @@ def _direct(model, tokenizer, records):
     lead = data.leading_special_tokens(tokenizer)
     prompts = [lead + tokenizer(template.prompt(r), add_special_tokens=False)["input_ids"] for r in records]
     responses = [tokenizer(r.output, add_special_tokens=False)["input_ids"] for r in records]
-    cond = _sum_logp(model, [p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts])
+    cond = _sum_logp(model, [p + r for p, r in zip(prompts, responses, strict=True)], [len(p) for p in prompts])
     alone = _sum_logp(model, [lead + r for r in responses], [max(1, len(lead))] * len(records))
     n_cond = np.asarray([len(r) for r in responses], np.float64)
     n_alone = np.asarray([len(lead) + len(r) - max(1, len(lead)) for r in responses], np.float64)
@@ -173,7 +178,7 @@ def test_baselines_compute_adds_columns_and_keeps_the_nuggets_ranking(tmp_path, 
     run(score_cmd(tiny_model_dir, *job_inputs, both, "--config.baselines.compute=True"))
     with_baselines, without = _ranking(both), _ranking(plain)
     assert [line["id"] for line in with_baselines] == [line["id"] for line in without]
-    for a, b in zip(with_baselines, without):
+    for a, b in zip(with_baselines, without, strict=True):
         assert {k: a[k] for k in b} == b
     assert (plain / "scores.npz").read_bytes() == (both / "scores.npz").read_bytes()
     # The baseline columns are baselines.npz's values, candidate by candidate (pool order).
@@ -190,7 +195,13 @@ def test_baselines_compute_is_refused_in_adaptive_mode(tmp_path, tiny_model_dir,
     from tests.test_job import run, score_cmd
 
     proc = run(
-        score_cmd(tiny_model_dir, *job_inputs, tmp_path / "w", "--config.baselines.compute=True", "--config.scoring.mode=adaptive"),
+        score_cmd(
+            tiny_model_dir,
+            *job_inputs,
+            tmp_path / "w",
+            "--config.baselines.compute=True",
+            "--config.scoring.mode=adaptive",
+        ),
         check=False,
     )
     assert proc.returncode != 0 and "baselines.compute=True needs scoring.mode=exact" in proc.stderr

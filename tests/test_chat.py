@@ -347,7 +347,8 @@ def test_finetune_trains_on_the_assistant_turns_only(tokenizer):
 
 
 def test_task_sets_embed_and_match_whole_conversations(tokenizer):
-    from nuggets_jax.tasksets import embedding, source
+    from nuggets_jax.scoring import embedding
+    from nuggets_jax.tasksets import source
 
     template = data.ChatTemplate.of(tokenizer, "tiny")
     pool = records(as_messages(CONVERSATIONS))

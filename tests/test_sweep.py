@@ -14,9 +14,9 @@ from scipy import stats
 from configs import score as score_config
 from configs import sweep_tasksets
 from nuggets_jax import metrics
+from nuggets_jax.scoring import embedding as embedding
 from nuggets_jax.scoring import job as job
 from nuggets_jax.synthetic import generate as synthetic
-from nuggets_jax.tasksets import embedding as embedding
 from nuggets_jax.tasksets import sweep as sweep_lib
 from nuggets_jax.tasksets import sweep_spec
 from tests.conftest import REPO

@@ -14,9 +14,9 @@ from flax import nnx
 from sklearn.cluster import KMeans
 
 from nuggets_jax import data, models
+from nuggets_jax.scoring import embedding as embedding
 from nuggets_jax.synthetic import generate as synthetic
 from nuggets_jax.tasksets import build as taskset
-from nuggets_jax.tasksets import embedding as embedding
 from nuggets_jax.tasksets import source as taskset_source
 from tests.conftest import REPO
 

@@ -6,6 +6,8 @@
 - `blocks.py`: the block plan and the one block loop (`BlockScorer`) used by the exact pass and the
   adaptive rounds: dispatch ahead, finite check, statistics, progress bar, chunk writes.
 - `one_shot.py`: the exact pass over a pool, resumable.
+- `baselines.py`: the baseline pass (each response after its prompt and alone: perplexity, IFD).
+- `embedding.py`: model embeddings of records (K-means task sets, diversity-aware selection).
 - `job.py`: a config to a workdir (the main job): `validate` resolves the config into a `ScoreSpec`,
   `run_score` runs the phases; `run_info.py` is run.json.
 - `report.py`: report.md and its plots.

@@ -420,7 +420,9 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         programs_compiled=sum(e.programs for e in (engine, base_engine) if e is not None),
         compiles_after_warmup=compiles.count,
         buckets=run_info.engine_shapes(shown),
-        cuts=run_info.Cuts.of(prefixes, tasks, spec.policy) if spec.nuggets else run_info.Cuts.of_baselines(seqs, spec.policy),
+        cuts=run_info.Cuts.of(prefixes, tasks, spec.policy)
+        if spec.nuggets
+        else run_info.Cuts.of_baselines(seqs, spec.policy),
         resumed_candidates=one.resumed_candidates if one else base.resumed_candidates,
         selection=spec.selection.as_dict(),
         mode=spec.mode if spec.nuggets else "baselines",

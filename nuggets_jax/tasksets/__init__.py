@@ -8,7 +8,7 @@ subset, to measure how much the golden set depends on the task set (docs/ARCHITE
 Modules:
   source: the examples task sets are drawn from (`load_source`, `read_valid_records`), minus
     exclusions and restrictions (`restrict`, `prompt_fits`).
-  embedding: the scoring model's mean final hidden state of an example (`EmbeddingConfig`).
+  (embeddings come from `scoring.embedding`: the model's mean final hidden state of an example.)
   build: K-means and random task sets (`TaskSetSpec`, `TaskSetBuilder`), written with their
     provenance and reused when a request matches (`build_or_reuse`).
   stability: rank correlations and top-fraction overlaps between two rankings.
@@ -17,6 +17,7 @@ Modules:
   report: the sweep's report.md and plots (`write_sweep_report`).
 """
 
+from nuggets_jax.scoring.embedding import EmbeddingConfig, EmbeddingError
 from nuggets_jax.tasksets.build import (
     CONSTRUCTIONS,
     TASKSET_FIELD,
@@ -29,7 +30,6 @@ from nuggets_jax.tasksets.build import (
     read_taskset,
     write_taskset,
 )
-from nuggets_jax.tasksets.embedding import EmbeddingConfig, EmbeddingError
 from nuggets_jax.tasksets.report import write_sweep_report
 from nuggets_jax.tasksets.source import (
     Source,

@@ -29,8 +29,7 @@ import numpy as np
 
 from nuggets_jax import data as data_lib
 from nuggets_jax import store as store_lib
-from nuggets_jax.tasksets import source as source_lib
-from nuggets_jax.tasksets.embedding import (
+from nuggets_jax.scoring.embedding import (
     EMBEDDING,
     EMBEDDING_TEXTS,
     EmbeddingConfig,
@@ -38,6 +37,7 @@ from nuggets_jax.tasksets.embedding import (
     embedding_texts,
     tokenize_for_embedding,
 )
+from nuggets_jax.tasksets import source as source_lib
 from nuggets_jax.tasksets.source import Source, TaskSetError
 
 CONSTRUCTIONS = ("kmeans", "random")

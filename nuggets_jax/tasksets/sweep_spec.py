@@ -18,9 +18,9 @@ from typing import Any
 from nuggets_jax import data as data_lib
 from nuggets_jax import metrics as metrics_lib
 from nuggets_jax.errors import UserError
+from nuggets_jax.scoring import embedding as embedding
 from nuggets_jax.scoring import job as job
 from nuggets_jax.tasksets import build as taskset_lib
-from nuggets_jax.tasksets import embedding as embedding
 from nuggets_jax.tasksets import source as source_lib
 
 # What a sweep may vary: anything else would need a second scoring run.
