@@ -66,6 +66,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.select.top_n = config_dict.placeholder(int)
     config.select.top_fraction = config_dict.placeholder(float)  # default rule when none is set: 0.1
     config.select.threshold = config_dict.placeholder(float)
+    # Diversity-aware golden set (top_n / top_fraction): the trade-off of spread (model embeddings of
+    # the candidates) against score, in (0, 1]; 0 = by score only. Picks come from the best
+    # diversity_shortlist x N by score, greedily: k_center (distance to the nearest pick) or
+    # facility_location (coverage gain).
+    config.select.diversity = 0.0
+    config.select.diversity_method = "k_center"
+    config.select.diversity_shortlist = 4.0
 
     config.scoring = ml_collections.ConfigDict()
     # "exact": every candidate on every task. "adaptive": rounds of tasks only for the candidates whose

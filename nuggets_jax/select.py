@@ -8,6 +8,13 @@ Outputs of a scoring run (docs/ARCHITECTURE.md, "The workdir of a scoring run"):
 
 Ranks are deterministic: higher values first, ties broken by record position, NaN (not scored)
 last. Non-finite metric values are written as JSON null.
+
+Diversity-aware selection (`Diversity`, as DEITA and Superfiltering.D do): the golden set is
+picked greedily from the best `shortlist` x N candidates by score, each step taking the candidate
+with the highest (1 - trade_off) * quality + trade_off * spread, where quality is its score rank
+in the shortlist scaled to [0, 1] and spread its cosine distance to the nearest candidate already
+picked (`k_center`) or its gain in facility-location coverage (`facility_location`), scaled by
+the step's largest. The embeddings are the caller's (the scoring job: `scoring.embedding`).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ GOLDEN_FIELD = "nuggets"
 # What `write_golden_as` writes, one per pool format: json (and generated pools), jsonl, parquet, datasets dir.
 GOLDEN_NAMES = ("golden.json", "golden.jsonl", "golden.parquet", "golden")
 _CRITERIA = ("top_n", "top_fraction", "threshold")
+DIVERSITY_METHODS = ("k_center", "facility_location")
 DEFAULT_TOP_FRACTION = 0.1  # the golden set when the config sets no criterion
 
 
@@ -83,6 +91,79 @@ def ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class Diversity:
+    """Diversity-aware selection (module docstring). Validated on construction.
+
+    Attributes:
+      trade_off: weight of spread against score, in (0, 1]; 1 = spread only (within the shortlist).
+      method: `k_center` (distance to the nearest pick) or `facility_location` (coverage gain).
+      shortlist: pick from the best ceil(shortlist x N) candidates by score, shortlist >= 1.
+    """
+
+    trade_off: float
+    method: str = "k_center"
+    shortlist: float = 4.0
+
+    def __post_init__(self):
+        if isinstance(self.trade_off, bool) or not 0.0 < float(self.trade_off) <= 1.0:
+            raise SelectionError(f"diversity must be in (0, 1] (0 = off), got {self.trade_off!r}")
+        if self.method not in DIVERSITY_METHODS:
+            raise SelectionError(
+                f"unknown diversity_method {self.method!r}; choose one of: {', '.join(DIVERSITY_METHODS)}"
+            )
+        if not float(self.shortlist) >= 1.0:
+            raise SelectionError(f"diversity_shortlist must be at least 1, got {self.shortlist!r}")
+
+    def describe(self) -> str:
+        return f"diversity {self.trade_off:g} ({self.method} over the best {self.shortlist:g}x)"
+
+
+def diverse_order(values: np.ndarray, embeddings: np.ndarray, count: int, diversity: Diversity) -> np.ndarray:
+    """Greedy diversity-aware picks among M candidates (module docstring).
+
+    Args:
+      values: [M] scores, higher is better, all finite.
+      embeddings: [M, D] one vector per candidate (any scale: cosine similarity is used).
+      count: how many to pick (at most M).
+      diversity: the trade-off and method.
+
+    Returns:
+      [min(count, M)] int64 indices into the M, in pick order. Ties go to the better-ranked.
+    """
+    values = _as_values(values)
+    x = np.asarray(embeddings, np.float64)
+    if x.ndim != 2 or x.shape[0] != values.size:
+        raise SelectionError(f"embeddings must be [M, D] for M={values.size} candidates, got shape {x.shape}")
+    m = values.size
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    cosine = np.clip(x @ x.T, -1.0, 1.0)  # [M, M]
+    # Candidates in rank order, so argmax's first-index rule breaks ties towards the better score.
+    order = rank_order(values)
+    cosine = cosine[np.ix_(order, order)]
+    quality = 1.0 - np.arange(m) / max(1, m - 1)  # [M] 1 = the best score, 0 = the shortlist's worst
+    nearest = np.full(m, 2.0)  # cosine distance (in [0, 2]) to the nearest pick
+    covered = np.zeros(m)  # facility location: each candidate's best similarity (in [0, 1]) to a pick
+    similarity = (1.0 + cosine) / 2.0
+    available = np.ones(m, bool)
+    picks = []
+    for _ in range(min(count, m)):
+        if diversity.method == "k_center":
+            spread = nearest.copy()
+        else:
+            spread = np.maximum(similarity - covered[:, None], 0.0).sum(axis=0)  # [M] gain of each pick
+        top = spread[available].max()
+        spread = spread / top if top > 0 else np.zeros(m)
+        gain = (1.0 - diversity.trade_off) * quality + diversity.trade_off * spread
+        gain[~available] = -np.inf
+        j = int(np.argmax(gain))
+        picks.append(j)
+        available[j] = False
+        nearest = np.minimum(nearest, 1.0 - cosine[:, j])
+        covered = np.maximum(covered, similarity[:, j])
+    return order[np.asarray(picks, np.int64)]
+
+
+@dataclasses.dataclass(frozen=True)
 class SelectionRule:
     """How the golden set is chosen: exactly one of the best `top_n`, the best `top_fraction`, or
     every candidate whose value is >= `threshold`. Validated on construction.
@@ -92,11 +173,13 @@ class SelectionRule:
       top_fraction: keep the best ceil(top_fraction * C), top_fraction in (0, 1]. The fraction is
         read as the decimal it prints as, so 0.1 of 30 is 3, not 4.
       threshold: keep every candidate with value >= threshold.
+      diversity: pick the top_n / top_fraction diversity-aware (`Diversity`), None = by score only.
     """
 
     top_n: int | None = None
     top_fraction: float | None = None
     threshold: float | None = None
+    diversity: Diversity | None = None
 
     def __post_init__(self):
         given = self.as_dict()
@@ -110,6 +193,10 @@ class SelectionRule:
             raise SelectionError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
         if threshold is not None and math.isnan(float(threshold)):
             raise SelectionError("threshold must be a number, got NaN")
+        if threshold is not None and self.diversity is not None:
+            raise SelectionError(
+                "diversity picks a number of candidates: use it with top_n or top_fraction, not threshold"
+            )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SelectionRule:
@@ -118,7 +205,14 @@ class SelectionRule:
         if len(given) > 1:
             raise SelectionError(f"set only one of select.top_n / select.top_fraction / select.threshold, got {given}.")
         try:
-            return cls(**given) if given else cls(top_fraction=DEFAULT_TOP_FRACTION)
+            diversity = None
+            if config.get("diversity"):
+                diversity = Diversity(
+                    config["diversity"], config.get("diversity_method") or "k_center",
+                    config.get("diversity_shortlist") or 4.0,
+                )  # fmt: skip
+            given = given or {"top_fraction": DEFAULT_TOP_FRACTION}
+            return cls(**given, diversity=diversity)
         except SelectionError as error:
             raise SelectionError(f"select.{error}; fix it in the config or on the command line.") from None
 
@@ -135,16 +229,34 @@ class SelectionRule:
             return min(math.ceil(fractions.Fraction(repr(float(self.top_fraction))) * num_candidates), num_candidates)
         return None
 
-    def select(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
+    def shortlist(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
+        """The candidates a diversity-aware rule picks from: the best ceil(shortlist x N) scored ones,
+        in rank order (all scored candidates without diversity)."""
+        array = _as_values(values)
+        order = rank_order(array)
+        order = order[~np.isnan(array[order])]
+        if self.diversity is None:
+            return order
+        count = self.count(array.size)
+        return order[: min(order.size, math.ceil(self.diversity.shortlist * count))]
+
+    def select(self, values: Sequence[float] | np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
         """Chooses the golden set; candidates whose value is NaN (not scored) are never selected.
 
         Args:
           values: [C] scores, higher is better.
+          embeddings: with `diversity`: [M, D] embeddings of the `shortlist(values)` candidates, in
+            that order.
 
         Returns:
-          [N] int64 indices of the selected candidates, in rank order.
+          [N] int64 indices of the selected candidates, in rank order (with diversity: pick order).
         """
         array = _as_values(values)
+        if self.diversity is not None:
+            short = self.shortlist(array)
+            if embeddings is None:
+                raise SelectionError("a diversity-aware rule needs the embeddings of its shortlist")
+            return short[diverse_order(array[short], embeddings, self.count(array.size), self.diversity)]
         order = rank_order(array)
         count = self.count(array.size)
         chosen = order[:count] if count is not None else order[array[order] >= float(self.threshold)]
@@ -153,7 +265,7 @@ class SelectionRule:
     def describe(self) -> str:
         """The rule as its config field says it, e.g. "top_fraction = 0.1" (report.md's wording)."""
         ((name, value),) = self.as_dict().items()
-        return f"{name} = {value}"
+        return f"{name} = {value}" + (f", {self.diversity.describe()}" if self.diversity else "")
 
 
 def select(

@@ -243,3 +243,21 @@ def test_cpu_devices_auto_is_one_per_core_unless_set(monkeypatch):
     assert job_lib.cpu_devices(config)[0] == 1
     monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "3")
     assert job_lib.cpu_devices(config) == (3, "JAX_NUM_CPU_DEVICES=3")
+
+
+def test_diversity_aware_golden_set_comes_from_the_shortlist(tmp_path, tiny_model_dir, inputs):
+    # metric=length needs no task set, so the run is quick; the rule is the same for every metric.
+    common = ("--config.metric=length", "--config.select.top_n=4", "--config.select.diversity_shortlist=3")
+    plain, diverse = tmp_path / "plain", tmp_path / "diverse"
+    run(score_cmd(tiny_model_dir, *inputs, plain, *common))
+    run(score_cmd(tiny_model_dir, *inputs, diverse, *common, "--config.select.diversity=1.0"))
+    ranking = [json.loads(line) for line in (diverse / "ranking.jsonl").read_text().splitlines()]
+    assert ranking == [json.loads(line) for line in (plain / "ranking.jsonl").read_text().splitlines()]
+    ranks = lambda w: [g["nuggets"]["rank"] for g in json.loads((w / "golden.json").read_text())]  # noqa: E731
+    assert ranks(plain) == [1, 2, 3, 4]
+    picked = ranks(diverse)
+    assert picked[0] == 1 and len(set(picked)) == 4 and max(picked) <= 12  # from the best 3 x 4
+    run_json = json.loads((diverse / "run.json").read_text())
+    assert run_json["diversity"] == {"trade_off": 1.0, "method": "k_center", "shortlist": 3.0}
+    assert run_json["compiles_after_warmup"] == 0 and "diversity" not in json.loads((plain / "run.json").read_text())
+    assert "diversity 1 (k_center over the best 3x)" in (diverse / "report.md").read_text()

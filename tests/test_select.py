@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from nuggets_jax import select as select_lib
 from nuggets_jax.select import (
     SelectionError,
     rank_order,
@@ -203,3 +204,55 @@ def test_read_golden_errors(tmp_path):
     path.write_text("[\n{")
     with pytest.raises(SelectionError, match="bad.json:2: not valid JSON"):
         read_golden(path)
+
+
+# -- diversity-aware selection ---------------------------------------------------------------------
+
+
+def _planted_clusters():
+    """40 candidates in 4 tight, mutually orthogonal clusters of 10; every score of cluster k is above
+    every score of cluster k + 1, so a score-only rule takes its picks from cluster 0."""
+    rng = np.random.default_rng(0)
+    embeddings = np.concatenate([10 * np.eye(4)[k] + rng.normal(0, 0.1, (10, 4)) for k in range(4)])
+    values = np.concatenate([np.linspace(1.0 - 0.2 * k, 0.9 - 0.2 * k, 10) for k in range(4)])
+    permutation = rng.permutation(40)  # positions must not matter
+    return values[permutation], embeddings[permutation], (np.arange(40) // 10)[permutation]
+
+
+@pytest.mark.parametrize("method", select_lib.DIVERSITY_METHODS)
+def test_diversity_picks_across_planted_clusters(method):
+    values, embeddings, cluster = _planted_clusters()
+    diverse = select_lib.SelectionRule(top_n=4, diversity=select_lib.Diversity(0.5, method, shortlist=10))
+    short = diverse.shortlist(values)
+    assert short.size == 40 and list(short) == list(select_lib.rank_order(values))
+    picked = diverse.select(values, embeddings[short])
+    assert sorted(cluster[picked]) == [0, 1, 2, 3]
+    assert picked[0] == select_lib.rank_order(values)[0]  # the best candidate first
+    # Score only, or a small trade-off: the four best, all of cluster 0.
+    plain = select_lib.SelectionRule(top_n=4).select(values)
+    assert set(cluster[plain]) == {0}
+    nearly_plain = select_lib.SelectionRule(top_n=4, diversity=select_lib.Diversity(0.05, method, shortlist=10))
+    np.testing.assert_array_equal(nearly_plain.select(values, embeddings[short]), plain)
+
+
+def test_diversity_stays_in_the_shortlist_and_is_validated():
+    values, embeddings, cluster = _planted_clusters()
+    rule = select_lib.SelectionRule(top_n=4, diversity=select_lib.Diversity(1.0, "k_center", shortlist=5))
+    short = rule.shortlist(values)
+    assert short.size == 20 and set(cluster[short]) == {0, 1}  # the best 5 x 4
+    picked = rule.select(values, embeddings[short])
+    assert set(picked) <= set(short) and set(cluster[picked]) == {0, 1} and len(set(picked)) == 4
+    with pytest.raises(select_lib.SelectionError, match="embeddings of its shortlist"):
+        rule.select(values)
+    with pytest.raises(select_lib.SelectionError, match="not threshold"):
+        select_lib.SelectionRule(threshold=0.5, diversity=select_lib.Diversity(0.5))
+    for bad, match in (
+        ({"trade_off": 1.5}, "diversity must be"),
+        ({"trade_off": 0.5, "method": "x"}, "diversity_method"),
+    ):
+        with pytest.raises(select_lib.SelectionError, match=match):
+            select_lib.Diversity(**bad)
+    rule = select_lib.SelectionRule.from_config({"top_n": 3, "diversity": 0.3, "diversity_method": "facility_location"})
+    assert rule.diversity == select_lib.Diversity(0.3, "facility_location", 4.0)
+    assert "diversity 0.3" in rule.describe()
+    assert select_lib.SelectionRule.from_config({"top_n": 3, "diversity": 0.0}).diversity is None

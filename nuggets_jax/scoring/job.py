@@ -192,6 +192,8 @@ def validate(config) -> ScoreSpec:
                 f"scoring.mode=adaptive supports metric {' | '.join(metrics_lib.ADAPTIVE_METRICS)}, "
                 f"got {config.metric!r}."
             )
+        if selection.diversity is not None:
+            raise JobError("select.diversity needs scoring.mode=exact (the adaptive rule decides by score).")
         if (adaptive.panel or adaptive.compare == "pairwise") and selection.threshold is not None:
             raise JobError(
                 "adaptive.panel and adaptive.compare=pairwise need select.top_n or select.top_fraction, "
@@ -318,6 +320,11 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
 
     from nuggets_jax import models
 
+    if spec.selection.diversity is not None and jax.process_count() > 1:
+        raise JobError(
+            "select.diversity needs a single-process run for now (process 0 embeds the shortlist); "
+            "leave it at 0 for a multi-process run."
+        )
     t_start, timings = time.perf_counter(), run_info.Timings()
     workdir = prepare_workdir(workdir)
     store = store_lib.ScoreStore(workdir, jax.process_index())
@@ -378,6 +385,18 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
 
     records = [{**r.raw, "id": r.raw.get("id", r.position)} for r in inputs.pool]
     selected, adaptive_summary = None, {}
+    compiled_after_warmup = compiles.count  # the diversity step's embedding programs come after
+    compiles.close()
+
+    def embed(indices: np.ndarray) -> np.ndarray:  # [M] pool indices -> [M, D]
+        from nuggets_jax.scoring import embedding
+
+        settings = embedding.EmbeddingConfig()
+        texts = embedding.embedding_texts([inputs.pool[i] for i in indices], template, settings.text)
+        ids = embedding.tokenize_for_embedding(loaded.tokenizer, texts, settings.max_tokens)
+        log(f"select: embedding the {len(ids)} shortlisted candidates for the diversity-aware golden set")
+        return embedding.embed_token_ids(loaded.model, ids, settings.batch_tokens, settings.max_buckets)[0]
+
     with timings.timed("write_s"):
         if sharding.is_main():
             scores = None
@@ -393,8 +412,9 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
                 }
             source = None if config.data.pool == "default" else inputs.pool_source
             selected, adaptive_summary = write_outputs(
-                workdir, spec, scores, records, one, rule, source=source, baselines=base.arrays if base else None
-            )
+                workdir, spec, scores, records, one, rule, source=source,
+                baselines=base.arrays if base else None, embed=embed,
+            )  # fmt: skip
 
     # Throughputs: of the Nuggets passes, or of the baseline pass in a baseline run.
     from nuggets_jax.scoring.engine import PassStats
@@ -418,7 +438,7 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         flops_per_s=sum(p.flops for p in passes) / busy,
         wall_s=time.perf_counter() - t_start,
         programs_compiled=sum(e.programs for e in (engine, base_engine) if e is not None),
-        compiles_after_warmup=compiles.count,
+        compiles_after_warmup=compiled_after_warmup,
         buckets=run_info.engine_shapes(shown),
         cuts=run_info.Cuts.of(prefixes, tasks, spec.policy)
         if spec.nuggets
@@ -428,9 +448,9 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
         mode=spec.mode if spec.nuggets else "baselines",
         **{key: adaptive_summary.get(key) for key in run_info.ADAPTIVE_ONLY},
         baselines=base.stats.as_dict() if base else None,
+        diversity=dataclasses.asdict(spec.selection.diversity) if spec.selection.diversity else None,
         jax=jax.__version__,
     ).as_dict()
-    compiles.close()
     if sharding.is_main():
         store_lib.atomic_write_bytes(workdir / "run.json", json.dumps(run, indent=2).encode())
         if config.report:
@@ -505,7 +525,7 @@ def score_exact(spec: ScoreSpec, engine, prefixes, store, candidate_ids, task_id
 
 
 def write_outputs(
-    workdir: pathlib.Path, spec: ScoreSpec, scores, records, one, rule, source=None, baselines=None
+    workdir: pathlib.Path, spec: ScoreSpec, scores, records, one, rule, source=None, baselines=None, embed=None
 ) -> tuple[np.ndarray, dict]:
     """scores.npz (a Nuggets run), baselines.npz (with the baselines), ranking.jsonl and the golden
     set (adaptive: and adaptive.jsonl); returns the golden set and, in adaptive mode, run.json's
@@ -514,7 +534,8 @@ def write_outputs(
     The golden set is written in the pool's format (`select.write_golden_as`; `source` is the pool
     path, None for a generated pool: golden.json), with ranking.parquet for a Parquet or datasets pool.
     The ranking holds every Nuggets metric, then every baseline score (`metrics.BASELINES`) when
-    the baseline pass ran."""
+    the baseline pass ran. A diversity-aware rule gets its shortlist's embeddings from `embed`
+    (pool indices -> [M, D])."""
     if scores is not None:
         store_lib.write_npz(workdir / "scores.npz", scores)
     values = {}
@@ -533,7 +554,9 @@ def write_outputs(
         values = {**metrics_lib.compute_all(scores), **values}
     select_lib.write_ranking(workdir / "ranking.jsonl", records, values, spec.metric)
     select_lib.write_ranking_table(workdir, source, records, values, spec.metric)
-    selected = spec.selection.select(values[spec.metric])
+    rank_values = values[spec.metric]
+    shortlist = spec.selection.shortlist(rank_values) if spec.selection.diversity else None
+    selected = spec.selection.select(rank_values, None if shortlist is None else embed(shortlist))
     select_lib.write_golden_as(workdir, source, records, selected, values, spec.metric)
     return selected, {}
 

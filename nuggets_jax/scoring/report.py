@@ -10,6 +10,7 @@ pyplot, so no display or global backend state is involved. Output is determinist
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,15 @@ from nuggets_jax import plots as plots_lib
 from nuggets_jax.errors import UserError
 from nuggets_jax.metrics import BASELINE_FORMULAS, BASELINES, METRIC_FORMULAS, METRICS, auroc, spearman
 from nuggets_jax.plots import CLEAN
-from nuggets_jax.select import SelectionError, SelectionRule, golden_path, rank_order, read_golden, read_ranking
+from nuggets_jax.select import (
+    Diversity,
+    SelectionError,
+    SelectionRule,
+    golden_path,
+    rank_order,
+    read_golden,
+    read_ranking,
+)
 
 FORMULAS = {**METRIC_FORMULAS, **BASELINE_FORMULAS}
 
@@ -111,6 +120,10 @@ def _golden_rule(run: Any, config: Any) -> str:
             return "rule n/a"
     except (SelectionError, TypeError):  # a hand-edited file
         return "rule n/a"
+    diversity = _get(run, "diversity")
+    if isinstance(diversity, Mapping) and rule.diversity is None:
+        with contextlib.suppress(SelectionError, TypeError):
+            rule = dataclasses.replace(rule, diversity=Diversity(**diversity))
     return rule.describe() + (", decided adaptively" if _get(run, "mode") == "adaptive" else "")
 
 

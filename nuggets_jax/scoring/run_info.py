@@ -67,6 +67,8 @@ class Cuts:
 ADAPTIVE_ONLY = ("pairs_scored", "pairs_exact", "compute_fraction", "adaptive")
 # Written only when the baseline pass ran (its PassStats; "pairs" counts its sequences).
 BASELINES_ONLY = ("baselines",)
+# Written only for a diversity-aware golden set (select.Diversity's fields).
+DIVERSITY_ONLY = ("diversity",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +105,13 @@ class RunInfo:
     adaptive: dict[str, Any] | None
     jax: str
     baselines: dict[str, float] | None = None
+    diversity: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         info = dataclasses.asdict(self)
-        return {k: v for k, v in info.items() if not (k in (*ADAPTIVE_ONLY, *BASELINES_ONLY) and v is None)}
+        return {
+            k: v for k, v in info.items() if not (k in (*ADAPTIVE_ONLY, *BASELINES_ONLY, *DIVERSITY_ONLY) and v is None)
+        }
 
 
 def devices() -> dict[str, Any]:
