@@ -43,17 +43,26 @@ def save_png(figure: Figure, path: pathlib.Path) -> str:
     return f"plots/{path.name}"
 
 
-def correlation_heatmap(names: Sequence[str], matrix: np.ndarray, title: str, path: pathlib.Path) -> str:
-    """Spearman rho between metrics [M, M] in [-1, 1], each cell labelled with its value (NaN as n/a)."""
-    figure, axes = new_axes(1.4 * len(names) + 2.5, 1.1 * len(names) + 1.8)
+def correlation_heatmap(
+    names: Sequence[str],
+    matrix: np.ndarray,
+    title: str,
+    path: pathlib.Path,
+    row_names: Sequence[str] | None = None,
+    label: str = "Spearman rho",
+) -> str:
+    """Correlations [R, M] in [-1, 1] (rows `row_names`, default `names`: Spearman rho between metrics),
+    each cell labelled with its value (NaN as n/a)."""
+    row_names = names if row_names is None else row_names
+    figure, axes = new_axes(1.4 * len(names) + 2.5, 1.1 * len(row_names) + 1.8)
     image = axes.imshow(matrix, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
     for i, j in np.ndindex(matrix.shape):
         text = "n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}"
         axes.text(j, i, text, ha="center", va="center", color="white" if abs(matrix[i, j]) > 0.6 else "black")
     axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    axes.set_yticks(range(len(names)), names)
+    axes.set_yticks(range(len(row_names)), row_names)
     axes.set_title(title)
-    figure.colorbar(image, ax=axes, label="Spearman rho")
+    figure.colorbar(image, ax=axes, label=label)
     return save_png(figure, path)
 
 

@@ -111,7 +111,7 @@ def _scoring_run(config, workdir: pathlib.Path, log) -> pathlib.Path:
     return sdir
 
 
-def _ranking_values(path: pathlib.Path, pool: Sequence[data_lib.Record], metric: str) -> np.ndarray:
+def ranking_values(path: pathlib.Path, pool: Sequence[data_lib.Record], metric: str) -> np.ndarray:
     by_id = {str(entry["id"]): entry for entry in select_lib.read_ranking(path)}
     missing = [r.id for r in pool if r.id not in by_id]
     if missing:
@@ -124,7 +124,7 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _cached_eval(
+def cached_eval(
     path: pathlib.Path, key: dict, compute: Callable[[], evaluate.EvalResult]
 ) -> tuple[evaluate.EvalResult, float]:
     """The evaluation saved at `path` if its key matches, else computed and saved; and its time in seconds."""
@@ -203,7 +203,7 @@ def resolve_comparison(
     if metric not in METRICS:
         raise CompareError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}.")
     top_k = config.top_k or len(select_lib.read_golden(select_lib.golden_path(scoring_workdir)))
-    values = _ranking_values(scoring_workdir / "ranking.jsonl", inputs.pool, metric)
+    values = ranking_values(scoring_workdir / "ranking.jsonl", inputs.pool, metric)
     variants = choose_variants(values, top_k, list(config.variants), list(config.random_seeds))
     return ComparisonSpec(
         workdir=workdir,
@@ -244,15 +244,26 @@ class HeldOut:
     categories: list[str] | None
 
 
+def eval_records(eval_config, name: str, exclude: Sequence[data_lib.Record]) -> tuple[list[data_lib.Record], str]:
+    """The records of evaluation set `name` ("default": generated, `default_eval_set`; else a file read
+    by `evaluate.read_eval_set`) under `eval_config` (size, seed, format, max_examples), and its source."""
+    if name == "default":
+        records = default_eval_set(eval_config.size, eval_config.seed, exclude)
+        source = f"generated: synthetic.generate_tasks({eval_config.size}, seed={eval_config.seed})"
+        return records[: eval_config.max_examples or None], source
+    return evaluate.read_eval_set(name, eval_config.format, eval_config.max_examples), str(name)
+
+
 def _held_out(eval_config, spec: ComparisonSpec, loaded, model_fingerprint: str, log) -> HeldOut:
     """Reads (or generates) the evaluation set (`config.eval`) and compiles its evaluator on the base model."""
-    if eval_config.set == "default":
-        records = default_eval_set(eval_config.size, eval_config.seed, spec.inputs.tasks)
-        source = f"generated: synthetic.generate_tasks({eval_config.size}, seed={eval_config.seed})"
-        records = records[: eval_config.max_examples or None]
-    else:
-        records = evaluate.read_eval_set(eval_config.set, eval_config.format, eval_config.max_examples)
-        source = str(eval_config.set)
+    records, source = eval_records(eval_config, eval_config.set, spec.inputs.tasks)
+    return held_out_set(records, source, eval_config.max_tokens, spec, loaded, model_fingerprint, log)
+
+
+def held_out_set(
+    records: list[data_lib.Record], source: str, max_tokens: int, spec: ComparisonSpec, loaded, model_fingerprint, log
+) -> HeldOut:
+    """An evaluation set with its evaluator compiled on the base model (examples cut at `max_tokens`)."""
     pool_keys = {(r.instruction, r.input) for r in spec.inputs.pool}
     overlap = sum((r.instruction, r.input) in pool_keys for r in records)
     if overlap:
@@ -261,7 +272,7 @@ def _held_out(eval_config, spec: ComparisonSpec, loaded, model_fingerprint: str,
     template = template_of(spec, loaded.tokenizer)
     bos = spec.train.bos and template.kind == "text"  # a chat template writes its own special tokens
     evaluator = evaluate.Evaluator(
-        base_model, loaded.tokenizer, records, template, eval_config.max_tokens, bos,
+        base_model, loaded.tokenizer, records, template, max_tokens, bos,
         mesh=sharding.make_mesh(spec.mesh_model), log=log,
     )  # fmt: skip
     key = {
@@ -276,16 +287,8 @@ def _held_out(eval_config, spec: ComparisonSpec, loaded, model_fingerprint: str,
     )
 
 
-def _train_and_evaluate(
-    spec: ComparisonSpec,
-    variant: Variant,
-    loaded,
-    model_fingerprint: str,
-    held_out: HeldOut,
-    base: evaluate.EvalResult,
-    log,
-) -> dict[str, Any]:
-    """Trains one variant (or resumes it), evaluates it (or reuses its evaluation); its results row."""
+def train_variant(spec: ComparisonSpec, variant: Variant, loaded, model_fingerprint: str, log):
+    """Trains one variant (or resumes it) in WORKDIR/runs/<name>; the training result and its row fields."""
     pool = spec.inputs.pool
     subset = [pool[i] for i in variant.indices]
     template = template_of(spec, loaded.tokenizer)
@@ -310,13 +313,9 @@ def _train_and_evaluate(
         },
         fresh=spec.fresh,
     )
-    key = {**held_out.key, "params": str(result.final_checkpoint), "train": result.log[-1]}
-    scores, eval_s = _cached_eval(
-        run_dir / "eval.json", key, functools.partial(held_out.evaluator.evaluate, result.params)
-    )
     corrupted = [r.raw.get("corruption") for r in subset]
     seen = sum(e["examples"] for e in result.log)
-    return {
+    fields = {
         "variant": variant.name,
         "kind": variant.kind,
         "seed": variant.seed,
@@ -328,15 +327,54 @@ def _train_and_evaluate(
         "train_tokens": int(sum(e["tokens"] for e in result.log)),
         "epochs": seen / len(subset),
         "final_train_loss": float(np.mean([e["loss"] for e in result.log[-5:]])),
+    }
+    return result, fields
+
+
+def evaluate_variant(
+    held_out: HeldOut, result, base: evaluate.EvalResult, path: pathlib.Path
+) -> tuple[dict[str, Any], float]:
+    """The trained model on one held-out set (or its saved evaluation at `path`): summary fields and seconds."""
+    key = {**held_out.key, "params": str(result.final_checkpoint), "train": result.log[-1]}
+    scores, eval_s = cached_eval(path, key, functools.partial(held_out.evaluator.evaluate, result.params))
+    summary = {
         **scores.summary(base),
         "by_category": scores.by_group(held_out.categories) if held_out.categories else None,
+    }
+    return summary, eval_s
+
+
+def training_fields(result) -> dict[str, Any]:
+    """What a results row says about the training run, from its saved log (so a resumed comparison
+    reports the run that trained it)."""
+    return {
         "train_wall_s": float(sum(e["wall_s"] for e in result.log)),
-        "eval_s": eval_s,
-        # From the saved log, so a resumed comparison reports the run that trained it.
         "tokens_per_s": sum(e["tokens"] for e in result.log) / max(1e-9, sum(e["wall_s"] for e in result.log)),
         "programs_compiled": result.programs,
         "checkpoint": str(result.final_checkpoint),
         "loss_curve": [e["loss"] for e in result.log],
+    }
+
+
+def _train_and_evaluate(
+    spec: ComparisonSpec,
+    variant: Variant,
+    loaded,
+    model_fingerprint: str,
+    held_out: HeldOut,
+    base: evaluate.EvalResult,
+    log,
+) -> dict[str, Any]:
+    """Trains one variant (or resumes it), evaluates it (or reuses its evaluation); its results row."""
+    result, fields = train_variant(spec, variant, loaded, model_fingerprint, log)
+    summary, eval_s = evaluate_variant(held_out, result, base, spec.workdir / "runs" / variant.name / "eval.json")
+    extra = training_fields(result)
+    return {
+        **fields,
+        **summary,
+        "train_wall_s": extra["train_wall_s"],
+        "eval_s": eval_s,
+        **{k: extra[k] for k in ("tokens_per_s", "programs_compiled", "checkpoint", "loss_curve")},
     }
 
 
@@ -369,7 +407,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
         f"compare: {len(spec.inputs.pool)} pool records, top_k={spec.top_k} by {spec.metric}, "
         f"{len(held_out.records)} eval examples"
     )
-    base, base_eval_s = _cached_eval(
+    base, base_eval_s = cached_eval(
         workdir / "base_eval.json", {**held_out.key, "params": "base"}, held_out.evaluator.evaluate
     )
 

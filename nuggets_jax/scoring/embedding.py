@@ -1,7 +1,8 @@
 """Embeddings of examples with the scoring model: the mean of the final hidden layer over real tokens.
 
-Used to build K-means task sets and for diversity-aware golden sets (`select.Diversity`). Sequences are batched by length bucket with one program per bucket
-compiled ahead of time; padding never enters a mean, so an embedding does not depend on its batch.
+Used to build K-means task sets and for diversity-aware golden sets (`select.Diversity`).
+Sequences are batched by length bucket with one program per bucket compiled ahead of time;
+padding never enters a mean, so an embedding does not depend on its batch.
 """
 
 from __future__ import annotations

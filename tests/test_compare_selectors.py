@@ -1,0 +1,92 @@
+"""The selector comparison end to end (runlocal on a tiny model), its selections and its summary."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nuggets_jax import select as select_lib
+from nuggets_jax.finetune import selectors
+from tests.conftest import REPO
+
+
+def test_selections_take_each_selectors_best_and_random_per_seed():
+    rng = np.random.default_rng(0)
+    values = {name: rng.normal(size=30) for name in ("win_rate", "mean_logp_gain", "ifd", "length")}
+    values["ifd"][:5] = np.nan  # at or above ifd_max: never chosen
+    embeddings = rng.normal(size=(30, 8))
+    diversity = select_lib.Diversity(0.5, "k_center", 2.0)
+    shortlisted = []
+
+    def embed(indices):
+        shortlisted.append(indices)
+        return embeddings[indices]
+
+    chosen = selectors.choose_selections(
+        values, 6, ("win_rate", "ifd", "diverse", "random"), (0, 1), diversity, "win_rate", embed
+    )
+    by_name = {v.name: v for v in chosen}
+    assert list(by_name) == ["win_rate", "ifd", "diverse", "random_s0", "random_s1"]
+    np.testing.assert_array_equal(by_name["win_rate"].indices, np.argsort(-values["win_rate"])[:6])
+    assert not set(by_name["ifd"].indices) & set(range(5))
+    assert set(by_name["diverse"].indices) <= set(np.argsort(-values["win_rate"])[:12])
+    np.testing.assert_array_equal(shortlisted[0], np.argsort(-values["win_rate"])[:12])
+    assert len(set(by_name["random_s0"].indices)) == 6
+    assert not np.array_equal(by_name["random_s0"].indices, by_name["random_s1"].indices)
+    with pytest.raises(selectors.SelectorComparisonError, match="only 25 scored records"):
+        selectors.choose_selections(values, 26, ("ifd",), (), diversity, "win_rate", embed)
+
+
+def test_summary_averages_a_selectors_runs_with_their_spread():
+    def row(kind, delta):
+        return {"kind": kind, "records": 4, "eval": {"a": {"nll_per_token": 1 + delta, "delta_nll_per_token": delta,
+                                                          "win_rate_vs_base": 0.5 - delta}}}  # fmt: skip
+
+    lines = selectors.summarize([row("win_rate", -0.1), row("random", 0.0), row("random", 0.2)], ["a"])
+    assert [line["selector"] for line in lines] == ["win_rate", "random"]
+    assert lines[0]["a/delta_nll_per_token"] == pytest.approx(-0.1) and lines[0]["a/delta_nll_per_token_std"] is None
+    assert lines[1]["a/delta_nll_per_token"] == pytest.approx(0.1)
+    assert lines[1]["a/delta_nll_per_token_std"] == pytest.approx(np.std([0.0, 0.2], ddof=1))
+
+
+def test_split_holds_out_a_seeded_disjoint_part():
+    objects = [{"instruction": str(i), "output": "x", "id": i} for i in range(20)]
+    keep, held = selectors.split_pool(objects, 5, seed=3)
+    assert len(held) == 5 and len(keep) == 15
+    assert {o["id"] for o in keep}.isdisjoint(o["id"] for o in held)
+    assert selectors.split_pool(objects, 5, seed=3) == (keep, held)
+    with pytest.raises(selectors.SelectorComparisonError, match="leaves no selection pool"):
+        selectors.split_pool(objects, 20, seed=0)
+
+
+@pytest.mark.slow
+def test_runlocal_comparison_runs_end_to_end_and_its_table_has_every_selector(tmp_path, tiny_model_dir):
+    workdir = tmp_path / "selectors"
+    cmd = [
+        sys.executable, "-m", "experiments.compare_selectors", "--config=configs/compare_selectors.py:runlocal",
+        f"--config.model.path={tiny_model_dir}", "--config.progress=False", f"--workdir={workdir}",
+    ]  # fmt: skip
+    env = {"JAX_NUM_CPU_DEVICES": "1", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    kinds = [line["selector"] for line in results["summary"]]
+    assert kinds == ["win_rate", "mean_logp_gain", "diverse", "ifd", "perplexity", "length", "random"]
+    assert results["eval_sets"] == ["heldout", "generated"]
+    random_line = results["summary"][-1]
+    assert random_line["runs"] == 2 and random_line["heldout/delta_nll_per_token_std"] is not None
+    selections = json.loads((workdir / "selections.json").read_text())
+    assert all(len(ids) == 4 for ids in selections.values())
+    heldout_ids = {o["id"] for o in json.loads((workdir / "data" / "heldout.json").read_text())}
+    assert not heldout_ids & {i for ids in selections.values() for i in map(int, ids)}
+    report = (workdir / "report.md").read_text()
+    for kind in kinds:
+        assert f"| {kind} |" in report
+    assert (workdir / "plots" / "selectors.png").is_file()
+    # A rerun trains nothing again and gives the same table.
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((workdir / "results.json").read_text())["summary"] == results["summary"]
+    assert again.stderr.count("already finished") == len(selections) == 8
