@@ -79,8 +79,8 @@ def test_runlocal_comparison_runs_end_to_end_and_its_table_has_every_selector(tm
     assert random_line["runs"] == 2 and random_line["heldout/delta_nll_per_token_std"] is not None
     selections = json.loads((workdir / "selections.json").read_text())
     assert all(len(ids) == 4 for ids in selections.values())
-    heldout_ids = {o["id"] for o in json.loads((workdir / "data" / "heldout.json").read_text())}
-    assert not heldout_ids & {i for ids in selections.values() for i in map(int, ids)}
+    heldout_ids = {str(o["id"]) for o in json.loads((workdir / "data" / "heldout.json").read_text())}
+    assert len(heldout_ids) == 8 and not heldout_ids & {str(i) for ids in selections.values() for i in ids}
     report = (workdir / "report.md").read_text()
     for kind in kinds:
         assert f"| {kind} |" in report
