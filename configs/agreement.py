@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.ape:
         config.name = "ape"
         config.ape = f"{SHARED_DATA}/car/APE_score_test.csv"
+        config.score.data.max_candidates = 0  # every pair (508 records)
         config.labels.expert_revised = _label("pairs")
     if arg.runlocal:
         config.name = "runlocal"
