@@ -165,11 +165,8 @@ def _embedder(loaded, pool: Sequence[data_lib.Record], template, log) -> Callabl
     def embed(indices: np.ndarray) -> np.ndarray:
         from nuggets_jax.scoring import embedding
 
-        settings = embedding.EmbeddingConfig()
-        texts = embedding.embedding_texts([pool[i] for i in indices], template, settings.text)
-        ids = embedding.tokenize_for_embedding(loaded.tokenizer, texts, settings.max_tokens)
-        log(f"selectors: embedding {len(ids)} shortlisted records for the diverse selection")
-        return embedding.embed_token_ids(loaded.model, ids, settings.batch_tokens, settings.max_buckets)[0]
+        log(f"selectors: embedding {len(indices)} shortlisted records for the diverse selection")
+        return embedding.embed_records(loaded.model, loaded.tokenizer, [pool[i] for i in indices], template)[0]
 
     return embed
 

@@ -158,3 +158,13 @@ def embed_token_ids(
         out[batch] = np.asarray(result)[: len(batch)]
     stats = EmbedStats(time.perf_counter() - t0, int(sum(lengths)), padded, programs, tuple(widths))
     return out, stats
+
+
+def embed_records(
+    model, tokenizer, records: Sequence[data_lib.Record], template, config: EmbeddingConfig = EmbeddingConfig()
+) -> tuple[np.ndarray, EmbedStats]:
+    """[N, D] embeddings of records under `config`: each record's text (`embedding_texts`), its
+    first `max_tokens` tokens (`tokenize_for_embedding`), then `embed_token_ids`."""
+    texts = embedding_texts(records, template, config.text)
+    ids = tokenize_for_embedding(tokenizer, texts, config.max_tokens)
+    return embed_token_ids(model, ids, config.batch_tokens, config.max_buckets)

@@ -391,11 +391,8 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     def embed(indices: np.ndarray) -> np.ndarray:  # [M] pool indices -> [M, D]
         from nuggets_jax.scoring import embedding
 
-        settings = embedding.EmbeddingConfig()
-        texts = embedding.embedding_texts([inputs.pool[i] for i in indices], template, settings.text)
-        ids = embedding.tokenize_for_embedding(loaded.tokenizer, texts, settings.max_tokens)
-        log(f"select: embedding the {len(ids)} shortlisted candidates for the diversity-aware golden set")
-        return embedding.embed_token_ids(loaded.model, ids, settings.batch_tokens, settings.max_buckets)[0]
+        log(f"select: embedding the {len(indices)} shortlisted candidates for the diversity-aware golden set")
+        return embedding.embed_records(loaded.model, loaded.tokenizer, [inputs.pool[i] for i in indices], template)[0]
 
     with timings.timed("write_s"):
         if sharding.is_main():

@@ -33,9 +33,7 @@ from nuggets_jax.scoring.embedding import (
     EMBEDDING,
     EMBEDDING_TEXTS,
     EmbeddingConfig,
-    embed_token_ids,
-    embedding_texts,
-    tokenize_for_embedding,
+    embed_records,
 )
 from nuggets_jax.tasksets import source as source_lib
 from nuggets_jax.tasksets.source import Source, TaskSetError
@@ -237,10 +235,8 @@ class TaskSetBuilder:
         missing = sorted({int(i) for i in indices} - set(self._cache))
         if missing:
             records = [self.source.records[i] for i in missing]
-            texts = embedding_texts(records, self.template, self.embedding.text)
             loaded = self.loaded
-            ids = tokenize_for_embedding(loaded.tokenizer, texts, self.embedding.max_tokens)
-            vectors, stats = embed_token_ids(loaded.model, ids, self.embedding.batch_tokens, self.embedding.max_buckets)
+            vectors, stats = embed_records(loaded.model, loaded.tokenizer, records, self.template, self.embedding)
             self.embed_s += stats.wall_s
             self.embedded += len(missing)
             self.log(
