@@ -245,6 +245,29 @@ def test_cpu_devices_auto_is_one_per_core_unless_set(monkeypatch):
     assert job_lib.cpu_devices(config) == (3, "JAX_NUM_CPU_DEVICES=3")
 
 
+def test_cpu_devices_auto_fits_the_parameter_copies_in_half_the_host(monkeypatch):
+    import jax.numpy as jnp
+
+    from configs import score as score_config
+    from nuggets_jax import models, sharding
+    from nuggets_jax.scoring import job as job_lib
+    from nuggets_jax.scoring import memory
+
+    config = score_config.get_config()
+    config.mesh.cpu_devices = 0
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    model_config = models.ModelConfig.from_file(models.resolve_model_dir("default") / "config.json")
+    copy = memory.param_bytes(model_config, jnp.float32, 1)  # what one device holds
+    page = 4096
+    host_pages = int(7 * copy) // page + 1  # room for 3 copies in half of it, not 4
+    monkeypatch.setattr(sharding, "usable_cores", lambda: 8)
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PHYS_PAGES": host_pages, "SC_PAGE_SIZE": page}[name])
+    count, why = job_lib.cpu_devices(config)
+    assert count == 3 and f"{copy / 2**30:.1f} GiB copy" in why
+    config.model.dtype = "bfloat16"  # half the bytes: 7 copies fit
+    assert job_lib.cpu_devices(config)[0] == 7
+
+
 def test_diversity_aware_golden_set_comes_from_the_shortlist(tmp_path, tiny_model_dir, inputs):
     # metric=length needs no task set, so the run is quick; the rule is the same for every metric.
     common = ("--config.metric=length", "--config.select.top_n=4", "--config.select.diversity_shortlist=3")

@@ -298,6 +298,9 @@ def run_selector_comparison(config: ml_collections.ConfigDict, workdir: str | pa
     workdir.mkdir(parents=True, exist_ok=True)
     train = finetune_step.TrainConfig(**config.train.to_dict())
     train.validate()
+    # The scoring run's XLA:CPU devices (one per core unless its mesh.cpu_devices says otherwise),
+    # set before the first JAX call below starts the backend with one.
+    sharding.set_cpu_devices(job.cpu_devices(config.score)[0])
     import jax
 
     train = train.resolved(jax.default_backend())

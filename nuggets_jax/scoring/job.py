@@ -122,8 +122,9 @@ def cpu_devices(config) -> tuple[int, str]:
     """XLA:CPU devices for `mesh.cpu_devices` and why: 0 = auto, one per usable core on one
     process (about 20% faster than one device spreading every op over the cores, BENCHMARKS.md
     section 1), fewer when that many copies of the parameters would take over half the host's
-    memory (every device holds a copy). Read before the backend starts, so the model's size comes
-    from its config.json (float32 unless model.dtype says otherwise)."""
+    memory (every device holds a copy). Read before the backend starts: the size is
+    `memory.param_bytes` of its config.json (abstract shapes, no backend; float32 unless model.dtype
+    says otherwise)."""
     setting = int(config.mesh.get("cpu_devices", 1)) if "mesh" in config else 1
     if setting:
         return setting, f"mesh.cpu_devices={setting}"
@@ -135,17 +136,19 @@ def cpu_devices(config) -> tuple[int, str]:
     cores = sharding.usable_cores()
     why = f"auto: one per usable core ({cores})"
     try:
+        import jax.numpy as jnp
+
         from nuggets_jax import models
+        from nuggets_jax.scoring import memory
 
         model_config = models.ModelConfig.from_file(models.resolve_model_dir(config.model.path) / "config.json")
-        per_byte = {"bfloat16": 2, "float16": 2}.get(config.model.dtype, 4)
-        params = model_config.flops_per_token() / 2 + model_config.vocab_size * model_config.hidden_size
+        copy = memory.param_bytes(model_config, models.DTYPES.get(config.model.dtype, jnp.float32), 1)
         host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (UserError, OSError, ValueError):  # a GGUF file or no config.json: the loader reports it
         return cores, why
-    fit = max(1, int(host // (2 * params * per_byte)))
+    fit = max(1, int(host // (2 * copy)))
     if fit < cores:
-        return fit, f"auto: {fit} of {cores} cores (each device holds a {params * per_byte / 2**30:.1f} GiB copy)"
+        return fit, f"auto: {fit} of {cores} cores (each device holds a {copy / 2**30:.1f} GiB copy)"
     return cores, why
 
 
