@@ -97,10 +97,19 @@ def sequences(
     tokenizer, records: Sequence[data_lib.Record], template, policy: data_lib.TokenPolicy, source: str
 ) -> Sequences:
     """Tokenizes the pool for the pass (module docstring)."""
-    whole = data_lib.tokenize_tasks(
-        tokenizer, records, template, dataclasses.replace(policy, max_task_tokens=1 << 30), source
-    )
     cut = data_lib.tokenize_tasks(tokenizer, records, template, policy, source)
+    # The length is of the whole response: only the records the cut shortened are tokenized again.
+    length = cut.n_tokens.astype(np.int64)
+    shortened = np.flatnonzero(cut.cut)
+    if shortened.size:
+        whole = data_lib.tokenize_tasks(
+            tokenizer,
+            [records[i] for i in shortened],
+            template,
+            dataclasses.replace(policy, max_task_tokens=1 << 30),
+            source,
+        )
+        length[shortened] = whole.n_tokens
     lead = np.asarray(data_lib.leading_special_tokens(tokenizer), np.int32)
     # After its prompt, as the zero-shot sequence of the record as a task would be.
     first = lead if policy.zero_shot_special else lead[:0]
@@ -122,7 +131,7 @@ def sequences(
         np.concatenate([cut.cut, np.zeros(len(alone), bool)]),
         masks,
     )
-    return Sequences(tasks, np.asarray(alone, np.int64), whole.n_tokens.astype(np.int64))
+    return Sequences(tasks, np.asarray(alone, np.int64), length)
 
 
 def chunk_columns(num_candidates: int, alone: np.ndarray, chunk_records: int) -> list[np.ndarray]:
