@@ -13,8 +13,9 @@ Diversity-aware selection (`Diversity`, as DEITA and Superfiltering.D do): the g
 picked greedily from the best `shortlist` x N candidates by score, each step taking the candidate
 with the highest (1 - trade_off) * quality + trade_off * spread, where quality is its score rank
 in the shortlist scaled to [0, 1] and spread its cosine distance to the nearest candidate already
-picked (`k_center`) or its gain in facility-location coverage (`facility_location`), scaled by
-the step's largest. The embeddings are the caller's (the scoring job: `scoring.embedding`).
+picked (`k_center`) or its gain in facility-location coverage (`facility_location`, of at most
+`FACILITY_CLIENTS` shortlist members), scaled by the step's largest. k_center costs O(M x D) per
+pick and holds no M x M matrix, so it is the one for shortlists of hundreds of thousands. The embeddings are the caller's (the scoring job: `scoring.embedding`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ GOLDEN_FIELD = "nuggets"
 GOLDEN_NAMES = ("golden.json", "golden.jsonl", "golden.parquet", "golden")
 _CRITERIA = ("top_n", "top_fraction", "threshold")
 DIVERSITY_METHODS = ("k_center", "facility_location")
+# Facility location measures the coverage of at most this many shortlist members (a seeded sample
+# of a longer shortlist), so its memory and time per pick grow with M, not M^2.
+FACILITY_CLIENTS = 4096
 DEFAULT_TOP_FRACTION = 0.1  # the golden set when the config sets no criterion
 
 
@@ -135,15 +139,18 @@ def diverse_order(values: np.ndarray, embeddings: np.ndarray, count: int, divers
     if x.ndim != 2 or x.shape[0] != values.size:
         raise SelectionError(f"embeddings must be [M, D] for M={values.size} candidates, got shape {x.shape}")
     m = values.size
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    cosine = np.clip(x @ x.T, -1.0, 1.0)  # [M, M]
     # Candidates in rank order, so argmax's first-index rule breaks ties towards the better score.
     order = rank_order(values)
-    cosine = cosine[np.ix_(order, order)]
+    x = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))[order]
     quality = 1.0 - np.arange(m) / max(1, m - 1)  # [M] 1 = the best score, 0 = the shortlist's worst
-    nearest = np.full(m, 2.0)  # cosine distance (in [0, 2]) to the nearest pick
-    covered = np.zeros(m)  # facility location: each candidate's best similarity (in [0, 1]) to a pick
-    similarity = (1.0 + cosine) / 2.0
+    if diversity.method == "k_center":
+        nearest = np.full(m, 2.0)  # cosine distance (in [0, 2]) to the nearest pick
+    else:  # coverage of (a seeded sample of) the shortlist: [N, M] similarities in [0, 1]
+        clients = np.arange(m)
+        if m > FACILITY_CLIENTS:
+            clients = np.sort(np.random.default_rng(0).choice(m, FACILITY_CLIENTS, replace=False))
+        similarity = (1.0 + np.clip(x[clients] @ x.T, -1.0, 1.0)) / 2.0
+        covered = np.zeros(clients.size)  # each client's best similarity to a pick
     available = np.ones(m, bool)
     picks = []
     for _ in range(min(count, m)):
@@ -158,8 +165,10 @@ def diverse_order(values: np.ndarray, embeddings: np.ndarray, count: int, divers
         j = int(np.argmax(gain))
         picks.append(j)
         available[j] = False
-        nearest = np.minimum(nearest, 1.0 - cosine[:, j])
-        covered = np.maximum(covered, similarity[:, j])
+        if diversity.method == "k_center":  # one [M] column per pick: no [M, M] matrix is held
+            nearest = np.minimum(nearest, 1.0 - np.clip(x @ x[j], -1.0, 1.0))
+        else:
+            covered = np.maximum(covered, similarity[:, j])
     return order[np.asarray(picks, np.int64)]
 
 

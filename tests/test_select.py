@@ -235,6 +235,27 @@ def test_diversity_picks_across_planted_clusters(method):
     np.testing.assert_array_equal(nearly_plain.select(values, embeddings[short]), plain)
 
 
+def test_facility_location_on_a_sampled_coverage_still_spreads(monkeypatch):
+    # A shortlist longer than FACILITY_CLIENTS: coverage is measured on a sample of 12 of the 40.
+    monkeypatch.setattr(select_lib, "FACILITY_CLIENTS", 12)
+    values, embeddings, cluster = _planted_clusters()
+    picked = select_lib.diverse_order(values, embeddings, 4, select_lib.Diversity(0.5, "facility_location"))
+    assert sorted(cluster[picked]) == [0, 1, 2, 3]
+
+
+def test_k_center_picks_are_the_farthest_point_rule():
+    # trade_off 1: after the best candidate, each pick is the one farthest (cosine) from every pick so far.
+    rng = np.random.default_rng(3)
+    values, embeddings = rng.normal(size=30), rng.normal(size=(30, 5))
+    picked = select_lib.diverse_order(values, embeddings, 6, select_lib.Diversity(1.0, "k_center"))
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    assert picked[0] == np.argmax(values)  # every distance is 2 before the first pick: the score decides
+    for step in range(1, 6):
+        distance = (1 - unit @ unit[picked[:step]].T).min(axis=1)
+        distance[picked[:step]] = -1
+        assert picked[step] == np.argmax(distance)
+
+
 def test_diversity_stays_in_the_shortlist_and_is_validated():
     values, embeddings, cluster = _planted_clusters()
     rule = select_lib.SelectionRule(top_n=4, diversity=select_lib.Diversity(1.0, "k_center", shortlist=5))
