@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.score.data.tasks = f"{SHARED_DATA}/nuggets/alpaca_gpt4_kmeans_100.json"
     config.score.data.max_tasks = arg.tasks
     config.score.data.max_candidates = arg.candidates
+    config.score.data.skip_empty = True  # public pools hold a few records with an empty response
     # name -> kind (member | score | pairs), path, field (score), format (records | longismore).
     config.labels = ml_collections.ConfigDict()
 

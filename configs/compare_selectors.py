@@ -9,7 +9,8 @@ Writes DIR/report.md (table + plot) and DIR/results.json; a rerun resumes.
 
 ARGS (comma separated): `runlocal` (a generated pool, a tiny budget: minutes on a laptop CPU),
 `public` (AlpaGasus' random Alpaca sample from ../shared/data, evaluated on its held-out records, the
-Self-Instruct 252 tasks and AlpacaEval's reference outputs: the README's result), `pool=PATH`.
+Self-Instruct 252 tasks and AlpacaEval's reference outputs: the README's result), `pool=PATH` (alone,
+or with `public` for its sizes and evaluation sets on another pool).
 Every field can be overridden on the command line, e.g. `--config.k=100`, `--config.train.steps=200`.
 """
 
@@ -29,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.pool = arg.pool  # .json/.jsonl/.parquet; "default" = a generated pool of pool_size records
     config.pool_size = 400
-    config.max_pool = 0  # the first N records of the pool file (0 = all)
+    config.max_pool = 0  # the first N records of the pool file (0 = all), after those with an empty response
     config.heldout = 100  # pool records held out (seeded) as the evaluation set "heldout"
     config.seed = 0  # the held-out split (and the generated pool)
     config.k = 40  # records every selector picks
@@ -73,7 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.progress = True
 
     if arg.public:  # about 45 minutes on 2 CPU cores with the default model
-        config.pool = f"{SHARED_DATA}/alpagasus/random_9k.json"
+        if arg.pool == "default":  # `public,pool=PATH` keeps the rest of the preset for another pool
+            config.pool = f"{SHARED_DATA}/alpagasus/random_9k.json"
         config.max_pool = 800
         config.heldout = 150
         config.k = 60

@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pool = "default"  # .json/.jsonl; "default" = the generated pool (nuggets_jax.synthetic)
     config.data.tasks = "default"  # the predefined task set; "default" = generated held-out tasks
     config.data.max_candidates = 0  # score only the first N candidates (0 = all)
+    # Leave out pool and task records whose response (or an assistant turn) is empty, instead of
+    # stopping at the first with an error; the log names them.
+    config.data.skip_empty = False
     # Record form of pool and tasks: auto (per file, from the first record) | alpaca | messages | sharegpt.
     config.data.format = "auto"
     # "text": the prompt template below (the paper's); "chat": the model's own chat template, each

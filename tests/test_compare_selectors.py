@@ -61,6 +61,23 @@ def test_split_holds_out_a_seeded_disjoint_part():
         selectors.split_pool(objects, 20, seed=0)
 
 
+def test_records_without_a_response_are_left_out_of_pool_and_eval_sets(tmp_path):
+    from configs import compare_selectors as config_lib
+    from nuggets_jax.finetune import compare
+
+    objects = [{"instruction": f"Say {i}.", "output": "" if i in (1, 4) else str(i)} for i in range(8)]
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps(objects))
+    config = config_lib.get_config(f"public,pool={path}")  # `public` keeps the pool it is given
+    config.max_pool = 5
+    kept, source = selectors._pool_objects(config)
+    assert [o["id"] for o in kept] == [0, 2, 3, 5, 6]  # ids stay the file positions; max_pool counts kept ones
+    assert source == f"{path} (2 record(s) with an empty response left out, first {path}[1])"
+    config.eval.max_examples = 3
+    records, source = compare.eval_records(config.eval, str(path), [])
+    assert [r.output for r in records] == ["0", "2", "3"] and "2 example(s) with an empty reference" in source
+
+
 @pytest.mark.slow
 def test_runlocal_comparison_runs_end_to_end_and_its_table_has_every_selector(tmp_path, tiny_model_dir):
     workdir = tmp_path / "selectors"

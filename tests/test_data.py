@@ -56,6 +56,34 @@ def test_bad_input_names_file_and_record(tmp_path, name, content, expected):
         D.read_records(write(tmp_path / name, content))
 
 
+def test_skip_empty_leaves_out_empty_responses_and_keeps_positions(tmp_path):
+    objects = [
+        {"instruction": "a", "output": "x"},
+        {"instruction": "b", "output": " "},
+        {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": ""}]},
+        {"instruction": "d", "output": "y", "history": [["q", " "]]},
+        {"instruction": "e", "output": "z"},
+    ]
+    path = write(tmp_path / "p.json", json.dumps([objects[0], objects[1], objects[3], objects[4]]))
+    with pytest.raises(D.DataError, match=r'p\.json\[1\]: field "output" is empty.*data\.skip_empty=True'):
+        D.read_records(path)
+    skipped = []
+    records = D.read_records(path, skipped=skipped)
+    assert [(r.id, r.position, r.instruction) for r in records] == [("0", 0, "a"), ("3", 3, "e")]
+    assert skipped == [f"{path}[1]", f"{path}[2]"]
+    chat = [("c[0]", {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "ok"}]}),
+            ("c[1]", objects[2])]  # fmt: skip
+    left = []
+    assert [r.output for r in D.records_from_objects(chat, "c", skipped=left)] == ["ok"] and left == ["c[1]"]
+    with pytest.raises(D.DataError, match="empty assistant turn"):
+        D.records_from_objects(chat, "c")
+    # Other errors still stop the read, and a file of nothing but empty responses is refused.
+    with pytest.raises(D.DataError, match=r'\[1\]: field "instruction" is missing'):
+        D.records_from_objects([("a", objects[0]), ("b[1]", {"output": "x"})], "b", skipped=[])
+    with pytest.raises(D.DataError, match="every record of the pool has an empty response"):
+        D.records_from_objects([("a", objects[1])], "a", skipped=[])
+
+
 def test_non_utf8_names_line(tmp_path):
     path = write(tmp_path / "p.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff", "output": "b"}\n')
     with pytest.raises(D.DataError, match=r"p\.jsonl:2: .* not valid UTF-8"):

@@ -284,3 +284,18 @@ def test_diversity_aware_golden_set_comes_from_the_shortlist(tmp_path, tiny_mode
     assert run_json["diversity"] == {"trade_off": 1.0, "method": "k_center", "shortlist": 3.0}
     assert run_json["compiles_after_warmup"] == 0 and "diversity" not in json.loads((plain / "run.json").read_text())
     assert "diversity 1 (k_center over the best 3x)" in (diverse / "report.md").read_text()
+
+
+def test_skip_empty_leaves_out_empty_responses_without_losing_the_run(tmp_path, tiny_model_dir, inputs):
+    pool = json.loads(inputs[0].read_text())[:12]
+    pool[3]["output"] = "  "
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps(pool))
+    refused = run(score_cmd(tiny_model_dir, path, inputs[1], tmp_path / "w", "--config.metric=length"), check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f'{path}[3]: field "output" is empty' in refused.stderr and "data.skip_empty=True" in refused.stderr
+    kept = run(score_cmd(tiny_model_dir, path, inputs[1], tmp_path / "w", "--config.metric=length", "--config.data.skip_empty=True"))
+    assert f"left out 1 record(s) with an empty response (data.skip_empty), first {path}[3]" in kept.stdout + kept.stderr
+    ids = [json.loads(line)["id"] for line in (tmp_path / "w" / "ranking.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(str(r.get("id", i)) for i, r in enumerate(pool) if i != 3)
+    assert json.loads((tmp_path / "w" / "fingerprint.json").read_text())["skip_empty"] is True

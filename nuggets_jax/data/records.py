@@ -61,14 +61,21 @@ class Record:
         return self.format != "alpaca" or len(self.messages) > 2 or self.messages[0][0] != "user"
 
 
-def read_records(path: str | pathlib.Path, role: str = "pool", form: str = "auto") -> list[Record]:
-    """Reads a pool or task set: `.json`, `.jsonl`, `.parquet` or an HF `save_to_disk` directory.
+class EmptyResponseError(DataError):
+    """A record whose response (or one of its assistant turns) is empty: nothing to score."""
+
+
+def read_records(
+    path: str | pathlib.Path, role: str = "pool", form: str = "auto", skipped: list[str] | None = None
+) -> list[Record]:
+    """Reads a pool or task set: `.json`, `.jsonl`, `.parquet` or an HF `save_to_disk` directory
+    (`skipped` as in `records_from_objects`).
 
     Raises:
       DataError: naming the file, the record and what to fix.
     """
     objects = read_objects(path, f"data.{role}", what=f"{role} file", columns=RECORD_COLUMNS)
-    return records_from_objects(objects, str(path), role, form)
+    return records_from_objects(objects, str(path), role, form, skipped)
 
 
 def detect_format(obj: Any, form: str = "auto") -> str:
@@ -85,7 +92,11 @@ def detect_format(obj: Any, form: str = "auto") -> str:
 
 
 def records_from_objects(
-    objects: Sequence[tuple[str, Any]], source: str, role: str = "pool", form: str = "auto"
+    objects: Sequence[tuple[str, Any]],
+    source: str,
+    role: str = "pool",
+    form: str = "auto",
+    skipped: list[str] | None = None,
 ) -> list[Record]:
     """Validates (where, object) pairs into records; `where` locates each one in error messages.
 
@@ -94,13 +105,26 @@ def records_from_objects(
       source: the file, for messages about the whole file.
       role: "pool", "tasks", ... (said in messages).
       form: a record form, or "auto" to detect it from the first record.
+      skipped: None = an empty response is an error; a list = such records are left out (their
+        positions and ids stay those of the file) and their `where` appended to it.
     """
     if not objects:
         raise DataError(f"{source}: the {role} is empty; it needs at least one record.")
     form = detect_format(objects[0][1], form)
-    records = [_parse_record(where, obj, i, form) for i, (where, obj) in enumerate(objects)]
+    records, kept = [], []
+    for i, (where, obj) in enumerate(objects):
+        try:
+            records.append(_parse_record(where, obj, i, form))
+        except EmptyResponseError:
+            if skipped is None:
+                raise
+            skipped.append(where)
+            continue
+        kept.append(where)
+    if not records:
+        raise DataError(f"{source}: every record of the {role} has an empty response; there is nothing to score.")
     seen: dict[str, str] = {}
-    for (where, _), record in zip(objects, records, strict=True):
+    for where, record in zip(kept, records, strict=True):
         if record.id in seen:
             raise DataError(
                 f"{where}: duplicate id {record.id!r} (first at {seen[record.id]}); ids must be unique within a file."
@@ -140,7 +164,10 @@ def _parse_alpaca(where: str, obj: dict[str, Any], position: int, record_id: str
             raise DataError(f'{where}: field "{field}" must be a string or absent, got {type(value).__name__}.')
     output = obj["output"].strip()
     if not output:
-        raise DataError(f'{where}: field "output" is empty; every record needs a response to score.')
+        raise EmptyResponseError(
+            f'{where}: field "output" is empty; every record needs a response to score '
+            "(fill it or drop the record; data.skip_empty=True leaves such records out)."
+        )
     instruction = obj["instruction"].strip()
     if not instruction:
         raise DataError(f'{where}: field "instruction" is empty.')
@@ -156,7 +183,7 @@ def _parse_alpaca(where: str, obj: dict[str, Any], position: int, record_id: str
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
             raise DataError(f"{where}: history[{turn}] must be a [user, assistant] pair of strings.")
         if not pair[1].strip():
-            raise DataError(f"{where}: history[{turn}] has an empty assistant turn; fill it or drop the pair.")
+            raise EmptyResponseError(f"{where}: history[{turn}] has an empty assistant turn; fill it or drop the pair.")
         messages += [("user", pair[0].strip()), ("assistant", pair[1].strip())]
     messages += [("user", instruction + (f"\n\n{text_input}" if text_input else "")), ("assistant", output)]
     return Record(record_id, instruction, text_input, output, position, obj, tuple(messages), "alpaca")
@@ -204,7 +231,7 @@ def _parse_messages(where: str, obj: dict[str, Any], form: str) -> tuple[tuple[s
             )
         content = _content(where, turn, message[content_key])
         if role == "assistant" and not content.strip():
-            raise DataError(f"{where}: message {turn} is an empty assistant turn; fill it or drop the turn.")
+            raise EmptyResponseError(f"{where}: message {turn} is an empty assistant turn; fill it or drop the turn.")
         messages.append((role, content))
     if not any(role == "assistant" for role, _ in messages):
         raise DataError(f"{where}: the conversation has no assistant turn; it needs a response to score.")

@@ -251,7 +251,9 @@ def eval_records(eval_config, name: str, exclude: Sequence[data_lib.Record]) -> 
         records = default_eval_set(eval_config.size, eval_config.seed, exclude)
         source = f"generated: synthetic.generate_tasks({eval_config.size}, seed={eval_config.seed})"
         return records[: eval_config.max_examples or None], source
-    return evaluate.read_eval_set(name, eval_config.format, eval_config.max_examples), str(name)
+    empty: list[str] = []  # examples without a reference cannot be evaluated
+    records = evaluate.read_eval_set(name, eval_config.format, eval_config.max_examples, empty)
+    return records, str(name) + (f" ({len(empty)} example(s) with an empty reference left out)" if empty else "")
 
 
 def _held_out(eval_config, spec: ComparisonSpec, loaded, model_fingerprint: str, log) -> HeldOut:

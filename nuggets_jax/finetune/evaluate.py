@@ -82,7 +82,9 @@ def alpaca_eval_objects(objects: Sequence[tuple[str, Any]]) -> list[tuple[str, d
     return out
 
 
-def read_eval_set(path: str | pathlib.Path, fmt: str = "auto", max_examples: int = 0) -> list[data_lib.Record]:
+def read_eval_set(
+    path: str | pathlib.Path, fmt: str = "auto", max_examples: int = 0, skipped: list[str] | None = None
+) -> list[data_lib.Record]:
     """Reads an evaluation set as records.
 
     Args:
@@ -90,6 +92,8 @@ def read_eval_set(path: str | pathlib.Path, fmt: str = "auto", max_examples: int
       fmt: "records" (the input format), "sinstruct", "alpaca_eval", or "auto": Self-Instruct when
         the first object has "instances", AlpacaEval when it has "generator", else the input format.
       max_examples: keep the first N (0 = all).
+      skipped: None = an empty reference is an error; a list = such examples are left out (before
+        `max_examples` is applied) and where they are appended to it.
     Raises:
       EvalError, DataError: unreadable file, unknown format or invalid records (the message names them).
     """
@@ -105,6 +109,8 @@ def read_eval_set(path: str | pathlib.Path, fmt: str = "auto", max_examples: int
         objects = sinstruct_objects(objects)
     elif fmt == "alpaca_eval":
         objects = alpaca_eval_objects(objects)
+    if skipped is not None:
+        return data_lib.records_from_objects(objects, str(path), "eval", skipped=skipped)[: max_examples or None]
     if max_examples:
         objects = objects[:max_examples]
     return data_lib.records_from_objects(objects, str(path), "eval")

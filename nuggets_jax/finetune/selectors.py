@@ -85,13 +85,21 @@ def _pool_objects(config) -> tuple[list[dict], str]:
         path = pathlib.Path(config.pool).expanduser()
         objects = [obj for _, obj in data_lib.read_objects(path, "pool")]
         source = str(path)
-    objects = objects[: config.max_pool or None]
     out = []
     for i, obj in enumerate(objects):
         if not isinstance(obj, dict):
             raise SelectorComparisonError(f"{source}: record {i} is not a JSON object.")
         out.append({**obj, "id": obj.get("id", i)})
-    return out, source
+    # Records with an empty response can be neither scored, trained on nor used as references.
+    empty: list[str] = []
+    records = data_lib.records_from_objects(
+        [(f"{source}[{i}]", o) for i, o in enumerate(out)], source, "pool", config.score.data.format, empty
+    )
+    if empty:
+        kept = {r.position for r in records}
+        out = [o for i, o in enumerate(out) if i in kept]
+        source += f" ({len(empty)} record(s) with an empty response left out, first {empty[0]})"
+    return out[: config.max_pool or None], source
 
 
 def split_pool(objects: Sequence[dict], heldout: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -54,6 +54,7 @@ class Inputs:
     tasks_digest: str
     pool_kind: str = "generated"  # generated | json | jsonl | parquet | hf (data.files.file_kind)
     tasks_kind: str = "generated"
+    skipped: tuple[str, ...] = ()  # records left out for an empty response (data.skip_empty), where they are
 
 
 def token_policy(config) -> data_lib.TokenPolicy:
@@ -237,8 +238,10 @@ def load_inputs(config, workdir: pathlib.Path) -> Inputs:
             )
             return records, source, _digest(objects)
         path = pathlib.Path(spec).expanduser()
-        records = data_lib.read_records(path, role, data_form(config)["format"])
+        records = data_lib.read_records(path, role, data_form(config)["format"], skipped)
         return records, str(path), data_lib.files.digest(path)
+
+    skipped: list[str] | None = [] if config.data.get("skip_empty", False) else None
 
     pool, pool_source, pool_digest = load(config.data.pool, "pool", synthetic.generate_pool)
     tasks, tasks_source, tasks_digest = load(config.data.tasks, "tasks", synthetic.generate_tasks)
@@ -263,7 +266,7 @@ def load_inputs(config, workdir: pathlib.Path) -> Inputs:
         "generated" if spec == "default" else data_lib.files.file_kind(pathlib.Path(spec).expanduser())
         for spec in (config.data.pool, config.data.tasks)
     ]
-    return Inputs(pool, tasks, pool_source, tasks_source, pool_digest, tasks_digest, *kinds)
+    return Inputs(pool, tasks, pool_source, tasks_source, pool_digest, tasks_digest, *kinds, tuple(skipped or ()))
 
 
 def fingerprint(
@@ -280,6 +283,7 @@ def fingerprint(
         "template": template.describe(),
         "policy": dataclasses.asdict(policy),
         "format": [data_form(config)["format"], inputs.pool_kind, inputs.tasks_kind],
+        **({"skip_empty": True} if config.data.get("skip_empty", False) else {}),  # only when set: older runs resume
     }
 
 
@@ -332,6 +336,11 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
     workdir = prepare_workdir(workdir)
     store = store_lib.ScoreStore(workdir, jax.process_index())
     inputs = load_inputs(config, workdir)
+    if inputs.skipped:
+        log(
+            f"data: left out {len(inputs.skipped)} record(s) with an empty response (data.skip_empty), "
+            f"first {', '.join(inputs.skipped[:3])}"
+        )
     dtype = models.resolve_dtype(config.model.dtype, jax.default_backend())
     traffic_start = sum(sharding.TRAFFIC.values())
     with timings.timed("load_s"):
