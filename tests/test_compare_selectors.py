@@ -107,3 +107,39 @@ def test_runlocal_comparison_runs_end_to_end_and_its_table_has_every_selector(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((workdir / "results.json").read_text())["summary"] == results["summary"]
     assert again.stderr.count("already finished") == len(selections) == 8
+
+
+@pytest.mark.slow
+def test_a_conversation_pool_runs_under_the_chat_template(tmp_path, tiny_model_dir):
+    import shutil
+
+    from nuggets_jax import synthetic
+    from tests.test_chat import TINY_TEMPLATE
+
+    model = tmp_path / "chat_model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": TINY_TEMPLATE}))
+    pool = [
+        {"id": f"c{i}", "messages": [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": r["instruction"] + " " + r["input"]},
+                                     {"role": "assistant", "content": r["output"]}]}
+        for i, r in enumerate(synthetic.generate_pool(40, seed=5))
+    ]  # fmt: skip
+    path = tmp_path / "chat_pool.json"
+    path.write_text(json.dumps(pool))
+    base = [
+        sys.executable, "-m", "experiments.compare_selectors", f"--config=configs/compare_selectors.py:runlocal,pool={path}",
+        f"--config.model.path={model}", "--config.progress=False", "--config.eval.sets=('heldout',)",
+        "--config.selectors=('win_rate','length','random')", f"--workdir={tmp_path / 'w'}",
+    ]  # fmt: skip
+    env = {"JAX_NUM_CPU_DEVICES": "1", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    refused = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "record 'c0' is a conversation" in refused.stderr and "--config.template=chat" in refused.stderr
+    proc = subprocess.run([*base, "--config.template=chat"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert [line["selector"] for line in results["summary"]] == ["win_rate", "length", "random"]
+    scoring = json.loads((tmp_path / "w" / "scoring" / "config.json").read_text())
+    assert scoring["data"]["template"] == "chat"

@@ -71,6 +71,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if HELDOUT in config.eval.sets and not config.heldout:
         raise SelectorComparisonError("eval.sets names 'heldout' but heldout=0: hold out some pool records.")
     select_lib.Diversity(config.diversity.trade_off, config.diversity.method, config.diversity.shortlist)
+    if config.template not in data_lib.TEMPLATES:
+        raise SelectorComparisonError(f"template={config.template!r}; choose one of: {', '.join(data_lib.TEMPLATES)}.")
 
 
 # -- 1. split ------------------------------------------------------------------------------------
@@ -95,6 +97,12 @@ def _pool_objects(config) -> tuple[list[dict], str]:
     records = data_lib.records_from_objects(
         [(f"{source}[{i}]", o) for i, o in enumerate(out)], source, "pool", config.score.data.format, empty
     )
+    chat = next((r for r in records if r.is_conversation), None)
+    if chat is not None and config.template != "chat":
+        raise SelectorComparisonError(
+            f"{source}: record {chat.id!r} is a conversation ({chat.format}); the text template reads "
+            "instruction/input/output only. Add --config.template=chat to use the model's chat template."
+        )
     if empty:
         kept = {r.position for r in records}
         out = [o for i, o in enumerate(out) if i in kept]
@@ -327,12 +335,14 @@ def run_selector_comparison(config: ml_collections.ConfigDict, workdir: str | pa
     taskset_config = copy.deepcopy(config.taskset)
     taskset_config.source = str(pool_path)
     taskset_config.model.path = config.model.path
+    taskset_config.data.template = config.template
     tasks_path = tasksets.build_from_config(taskset_config, workdir / "taskset", log)
 
     # 3. One scoring run: every Nuggets metric and every baseline.
     score = copy.deepcopy(config.score)
     score.model.path = config.model.path
     score.data.pool, score.data.tasks = str(pool_path), str(tasks_path)
+    score.data.template = config.template
     score.baselines.compute = True
     job.run_score(score, workdir / "scoring", log)
 
