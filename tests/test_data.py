@@ -134,6 +134,14 @@ def test_task_cut_drops_response_tokens_and_rejects_empty(tiny_model_dir):
     assert cut.cut.all() and not full.cut.any()
     with pytest.raises(D.DataError, match=r"no response token left .* ids '0'"):
         D.tokenize_tasks(tok, records, D.Template(), D.TokenPolicy(max_task_tokens=int(full.response_start[0])))
+    # With a list for them, the tasks that keep no response token are left out and named.
+    shortest = int(full.response_start.min())
+    left = []
+    kept = D.tokenize_tasks(tok, records, D.Template(), D.TokenPolicy(max_task_tokens=shortest + 1), unscorable=left)
+    fits = full.response_start < shortest + 1
+    assert left == [r.id for r, f in zip(records, fits, strict=True) if not f] and len(kept.ids) == fits.sum() >= 1
+    with pytest.raises(D.DataError, match="no response token left"):  # all of them: still an error
+        D.tokenize_tasks(tok, records, D.Template(), D.TokenPolicy(max_task_tokens=shortest), unscorable=[])
 
 
 @pytest.mark.parametrize("bos", [False, True])

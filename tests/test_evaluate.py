@@ -88,6 +88,14 @@ def test_other_parameters_are_evaluated_with_the_same_programs(tiny, evaluator):
     assert not np.allclose(result.logp, base.logp)
 
 
+def test_examples_whose_prompt_fills_max_tokens_are_left_out(tiny):
+    records = [*_records(), data.Record("long", "Repeat: " + "word " * 80, "", "ok", 5, {})]
+    short = evaluate.Evaluator(tiny.model, tiny.tokenizer, records, data.Template(), max_tokens=64, log=print)
+    assert short.left_out == ("long",) and [r.id for r in short.records] == [r.id for r in _records()]
+    logp, _ = _direct(tiny.model, tiny.tokenizer, _records())
+    np.testing.assert_allclose(short.evaluate().logp, logp, rtol=2e-5)
+
+
 def test_win_rate_lower_nll_wins_and_ties_count_half():
     assert evaluate.win_rate([1.0, 2.0, 3.0, 5.0], [1.0, 2.5, 2.0, 6.0]) == pytest.approx((0.5 + 1 + 0 + 1) / 4)
     assert evaluate.win_rate([2.0, 2.0], [2.0, 2.0]) == 0.5

@@ -144,14 +144,21 @@ def _segment_tokens(tokenizer, template: Template, records: Sequence[Record], la
 
 
 def tokenize_tasks(
-    tokenizer, records: Sequence[Record], template: Template | ChatTemplate, policy: TokenPolicy, source: str = "tasks"
+    tokenizer,
+    records: Sequence[Record],
+    template: Template | ChatTemplate,
+    policy: TokenPolicy,
+    source: str = "tasks",
+    unscorable: list[str] | None = None,
 ) -> TokenizedTasks:
     """Task ids = the template's segments tokenized one by one (no special tokens) and
     concatenated, cut to `policy.max_task_tokens`; the scored segments' tokens are scored.
 
+    `unscorable`: None = a task with no text before its first scored token, or no scored token
+    left after the cut, is an error; a list = such tasks are left out and their ids appended.
+
     Raises:
-      DataError: if a task has no text before its first scored token or keeps no scored token
-        after the cut.
+      DataError: for such a task when `unscorable` is None, or when every task is one.
     """
     ids, masks, starts, counts, cut = [], [], [], [], []
     empty = []
@@ -167,7 +174,9 @@ def tokenize_tasks(
         starts.append(int(np.argmax(mask)))
         counts.append(int(mask.sum()))
         cut.append(len(full) > policy.max_task_tokens)
-    if empty:
+    if unscorable is not None and len(empty) < len(records):
+        unscorable += empty
+    elif empty:
         shown = ", ".join(repr(i) for i in empty[:10]) + (" ..." if len(empty) > 10 else "")
         raise DataError(
             f"{source}: {len(empty)} task(s) have no response token left to score after the cut at "

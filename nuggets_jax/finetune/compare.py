@@ -266,10 +266,6 @@ def held_out_set(
     records: list[data_lib.Record], source: str, max_tokens: int, spec: ComparisonSpec, loaded, model_fingerprint, log
 ) -> HeldOut:
     """An evaluation set with its evaluator compiled on the base model (examples cut at `max_tokens`)."""
-    pool_keys = {(r.instruction, r.input) for r in spec.inputs.pool}
-    overlap = sum((r.instruction, r.input) in pool_keys for r in records)
-    if overlap:
-        log(f"compare: warning: {overlap} eval example(s) repeat a pool example's instruction and input")
     base_model = finetune_step.merge_params(loaded.model, nnx.split(loaded.model)[1], spec.train.dtype)
     template = template_of(spec, loaded.tokenizer)
     bos = spec.train.bos and template.kind == "text"  # a chat template writes its own special tokens
@@ -277,6 +273,13 @@ def held_out_set(
         base_model, loaded.tokenizer, records, template, max_tokens, bos,
         mesh=sharding.make_mesh(spec.mesh_model), log=log,
     )  # fmt: skip
+    records = evaluator.records
+    if evaluator.left_out:
+        source += f" ({len(evaluator.left_out)} example(s) with no response token inside {max_tokens} tokens left out)"
+    pool_keys = {(r.instruction, r.input) for r in spec.inputs.pool}
+    overlap = sum((r.instruction, r.input) in pool_keys for r in records)
+    if overlap:
+        log(f"compare: warning: {overlap} eval example(s) repeat a pool example's instruction and input")
     key = {
         "model": model_fingerprint,
         "dtype": spec.train.dtype,

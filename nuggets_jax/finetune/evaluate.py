@@ -181,7 +181,8 @@ class Evaluator:
       tokenizer: its tokenizer.
       records: the evaluation set.
       template: prompt template (the one used for training).
-      max_tokens: examples are cut to their first `max_tokens` tokens (response tokens past it not scored).
+      max_tokens: examples are cut to their first `max_tokens` tokens (response tokens past it not
+        scored; an example whose prompt fills them is left out, its id in `left_out`).
       bos: put the tokenizer's leading special tokens in front (as training with bos=True does).
       engine_config: batching of the scoring engine.
       mesh: default all devices.
@@ -200,9 +201,18 @@ class Evaluator:
         mesh: jax.sharding.Mesh | None = None,
         log: Callable[[str], None] = print,
     ):
-        self.records = list(records)
         policy = data_lib.TokenPolicy(max_task_tokens=max_tokens)
-        self.tasks = data_lib.tokenize_tasks(tokenizer, self.records, template, policy, "eval")
+        # Examples whose prompt leaves no response token inside max_tokens are left out (said below).
+        left_out: list[str] = []
+        self.tasks = data_lib.tokenize_tasks(tokenizer, records, template, policy, "eval", left_out)
+        self.left_out = tuple(left_out)
+        dropped = set(left_out)
+        self.records = [r for r in records if r.id not in dropped]
+        if left_out:
+            log(
+                f"eval: left out {len(left_out)} example(s) with no response token inside max_tokens={max_tokens} "
+                f"(ids {', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''})"
+            )
         self.prefix = np.asarray(data_lib.leading_special_tokens(tokenizer) if bos else [], np.int32)
         self.engine = scoring.Engine(model, self.tasks, [len(self.prefix)], engine_config, mesh=mesh, log=log)
         self.mesh = self.engine.mesh
