@@ -45,9 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diversity.method = "k_center"
     config.diversity.shortlist = 4.0
 
-    # "text" (the paper's prompt template) or "chat" (the model's chat template, for conversation
-    # pools): used by the task set, the scoring, the training and the evaluation alike.
-    config.template = "text"
+    # "text" (the paper's prompt template), "chat" (the model's chat template) or "auto" (chat when
+    # the pool holds a conversation, else text): for the task set, scoring, training and evaluation.
+    config.template = "auto"
 
     config.model = ml_collections.ConfigDict()
     config.model.path = "default"  # scored, embedded and fine-tuned

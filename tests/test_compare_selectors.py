@@ -70,9 +70,9 @@ def test_records_without_a_response_are_left_out_of_pool_and_eval_sets(tmp_path)
     path.write_text(json.dumps(objects))
     config = config_lib.get_config(f"public,pool={path}")  # `public` keeps the pool it is given
     config.max_pool = 5
-    kept, source = selectors._pool_objects(config)
+    kept, source, template = selectors._pool_objects(config)
     assert [o["id"] for o in kept] == [0, 2, 3, 5, 6]  # ids stay the file positions; max_pool counts kept ones
-    assert source == f"{path} (2 record(s) with an empty response left out, first {path}[1])"
+    assert source == f"{path} (2 record(s) with an empty response left out, first {path}[1])" and template == "text"
     config.eval.max_examples = 3
     records, source = compare.eval_records(config.eval, str(path), [])
     assert [r.output for r in records] == ["0", "2", "3"] and "2 example(s) with an empty reference" in source
@@ -134,10 +134,11 @@ def test_a_conversation_pool_runs_under_the_chat_template(tmp_path, tiny_model_d
         "--config.selectors=('win_rate','length','random')", f"--workdir={tmp_path / 'w'}",
     ]  # fmt: skip
     env = {"JAX_NUM_CPU_DEVICES": "1", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    refused = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    text = [*base, "--config.template=text"]
+    refused = subprocess.run(text, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "record 'c0' is a conversation" in refused.stderr and "--config.template=chat" in refused.stderr
-    proc = subprocess.run([*base, "--config.template=chat"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)  # auto: chat
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "w" / "results.json").read_text())
     assert [line["selector"] for line in results["summary"]] == ["win_rate", "length", "random"]

@@ -71,15 +71,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if HELDOUT in config.eval.sets and not config.heldout:
         raise SelectorComparisonError("eval.sets names 'heldout' but heldout=0: hold out some pool records.")
     select_lib.Diversity(config.diversity.trade_off, config.diversity.method, config.diversity.shortlist)
-    if config.template not in data_lib.TEMPLATES:
-        raise SelectorComparisonError(f"template={config.template!r}; choose one of: {', '.join(data_lib.TEMPLATES)}.")
+    if config.template not in ("auto", *data_lib.TEMPLATES):
+        raise SelectorComparisonError(f"template={config.template!r}; choose auto, {', '.join(data_lib.TEMPLATES)}.")
 
 
 # -- 1. split ------------------------------------------------------------------------------------
 
 
-def _pool_objects(config) -> tuple[list[dict], str]:
-    """The pool as JSON objects, each with an "id" (its own, else its position), and its source."""
+def _pool_objects(config) -> tuple[list[dict], str, str]:
+    """The pool as JSON objects, each with an "id" (its own, else its position), its source and the
+    template (`config.template`; "auto" = chat when a record is a conversation, else text)."""
     if config.pool == "default":
         objects = synthetic.generate_pool(config.pool_size, config.seed)
         source = f"<generated pool: {config.pool_size} records, seed {config.seed}>"
@@ -98,7 +99,8 @@ def _pool_objects(config) -> tuple[list[dict], str]:
         [(f"{source}[{i}]", o) for i, o in enumerate(out)], source, "pool", config.score.data.format, empty
     )
     chat = next((r for r in records if r.is_conversation), None)
-    if chat is not None and config.template != "chat":
+    template = config.template if config.template != "auto" else "chat" if chat is not None else "text"
+    if chat is not None and template != "chat":
         raise SelectorComparisonError(
             f"{source}: record {chat.id!r} is a conversation ({chat.format}); the text template reads "
             "instruction/input/output only. Add --config.template=chat to use the model's chat template."
@@ -107,7 +109,7 @@ def _pool_objects(config) -> tuple[list[dict], str]:
         kept = {r.position for r in records}
         out = [o for i, o in enumerate(out) if i in kept]
         source += f" ({len(empty)} record(s) with an empty response left out, first {empty[0]})"
-    return out[: config.max_pool or None], source
+    return out[: config.max_pool or None], source, template
 
 
 def split_pool(objects: Sequence[dict], heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -322,27 +324,27 @@ def run_selector_comparison(config: ml_collections.ConfigDict, workdir: str | pa
     train = train.resolved(jax.default_backend())
 
     # 1. Split: held-out pool records for evaluation, the rest to select from.
-    objects, pool_source = _pool_objects(config)
+    objects, pool_source, template = _pool_objects(config)
     selection, heldout = split_pool(objects, config.heldout, config.seed)
     pool_path = _write_json(workdir / "data" / "selection_pool.json", selection)
     heldout_path = _write_json(workdir / "data" / "heldout.json", heldout) if heldout else None
     log(
         f"selectors: {len(objects)} pool records from {pool_source}: {len(selection)} to select from, "
-        f"{len(heldout)} held out"
+        f"{len(heldout)} held out; {template} template"
     )
 
     # 2. The K-means task set, drawn from the selection pool.
     taskset_config = copy.deepcopy(config.taskset)
     taskset_config.source = str(pool_path)
     taskset_config.model.path = config.model.path
-    taskset_config.data.template = config.template
+    taskset_config.data.template = template
     tasks_path = tasksets.build_from_config(taskset_config, workdir / "taskset", log)
 
     # 3. One scoring run: every Nuggets metric and every baseline.
     score = copy.deepcopy(config.score)
     score.model.path = config.model.path
     score.data.pool, score.data.tasks = str(pool_path), str(tasks_path)
-    score.data.template = config.template
+    score.data.template = template
     score.baselines.compute = True
     job.run_score(score, workdir / "scoring", log)
 
