@@ -9,6 +9,8 @@ ARGS (comma separated), each a public pool from ../shared/data with the labels i
 - `alpaca`: AlpaGasus' random Alpaca sample against AlpaGasus ratings (Claude accuracy and
   helpfulness >= 4.5), Cherry's IFD selection, CaR's selection and IQS scores, "long is more"'s
   ChatGPT ratings and the paper's gold scores (of the GPT-4 responses to the same instructions);
+- `car`: CaR's selected Alpaca subset against its own IQS scores (Spearman), AlpaGasus' ratings,
+  Cherry's IFD selection and "long is more"'s 1k longest (membership);
 - `ape`: CaR's expert-revised vs original pairs (test split);
 - `runlocal`: a generated pool against its own corruption labels (a minute; no shared data).
 `candidates=N` scores the first N records, `tasks=N` the first N of the paper's 100 tasks.
@@ -27,7 +29,9 @@ def _label(kind: str, path: str = "", field: str = "score", fmt: str = "records"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, gold=False, alpaca=False, ape=False, runlocal=False, candidates=500, tasks=16)
+    arg = common.parse_arg(
+        arg, gold=False, alpaca=False, car=False, ape=False, runlocal=False, candidates=500, tasks=16
+    )
     config = ml_collections.ConfigDict()
     config.name = "agreement"
     config.scoring_workdir = ""  # a finished scoring run (with baselines.compute); "" = score into DIR/scoring
@@ -57,6 +61,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         longest = f"{SHARED_DATA}/longismore/filtered_alpaca_1k_longest.json"
         config.labels.longismore_rating = _label("score", longest, fmt="longismore")
         config.labels.gold_low_gpt4 = _label("member", f"{nuggets}/alpaca_gpt4_bad.json")
+    if arg.car:
+        config.name = "car"
+        config.score.data.pool = f"{SHARED_DATA}/car/CaR_selected_result.json"
+        config.labels.car_iqs = _label("score", f"{SHARED_DATA}/car/CaR_selected_result.json")
+        config.labels.alpagasus_claude = _label("member", f"{alpagasus}/claude_t45.json")
+        config.labels.alpagasus_helpful = _label("member", f"{alpagasus}/helpfulness_t45.json")
+        config.labels.cherry_ifd = _label("member", f"{SHARED_DATA}/cherry/cherry_alpaca_5_percent.json")
+        longest = f"{SHARED_DATA}/longismore/filtered_alpaca_1k_longest.json"
+        config.labels.longismore_longest = _label("member", longest, fmt="longismore")
     if arg.ape:
         config.name = "ape"
         config.ape = f"{SHARED_DATA}/car/APE_score_test.csv"

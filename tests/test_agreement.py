@@ -35,9 +35,8 @@ def test_member_and_score_labels_join_on_instruction_and_input(tmp_path):
         tmp_path / "members.json",
         [{"instruction": " Add 2 and 3. ", "output": "other"}, POOL[2], {"instruction": "x", "output": "y"}],
     )
-    scores = _write(
-        tmp_path / "scores.json", [{**POOL[0], "score": 0.2}, {**POOL[3], "score": 0.9}, {**POOL[4], "score": 0.5}]
-    )
+    target = np.asarray([0.2, 0.7, 0.4, 0.9, 0.5])  # in pool order, written shuffled
+    scores = _write(tmp_path / "scores.json", [{**POOL[i], "score": target[i]} for i in (3, 0, 4, 1, 2)])
     values = {"win_rate": np.asarray([0.9, 0.1, 0.8, 0.3, 0.4]), "length": np.asarray([1.0, 2.0, np.nan, 4.0, 5.0])}
     rows = agreement.agreement_rows(
         records, values,
@@ -48,9 +47,10 @@ def test_member_and_score_labels_join_on_instruction_and_input(tmp_path):
     assert cell["m", "win_rate"]["value"] == metrics.auroc(values["win_rate"], positive) == 1.0
     assert cell["m", "win_rate"]["positives"] == 2 and cell["m", "length"]["n"] == 4  # NaN left out
     assert cell["m", "length"]["value"] == metrics.auroc(values["length"][[0, 1, 3, 4]], positive[[0, 1, 3, 4]])
-    target = np.asarray([0.2, 0.9, 0.5])
-    assert cell["s", "win_rate"]["n"] == 3
-    assert cell["s", "win_rate"]["value"] == pytest.approx(metrics.spearman(values["win_rate"][[0, 3, 4]], target))
+    assert cell["s", "win_rate"]["n"] == 5
+    assert cell["s", "win_rate"]["value"] == pytest.approx(metrics.spearman(values["win_rate"], target))
+    # length joins 4 records (one NaN): below agreement.MIN_RANKED, so no Spearman is reported.
+    assert cell["s", "length"]["n"] == 4 and np.isnan(cell["s", "length"]["value"])
 
 
 def test_pairs_count_revised_wins_and_clean_uses_the_pool_field():

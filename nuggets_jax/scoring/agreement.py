@@ -37,6 +37,7 @@ from nuggets_jax.errors import UserError
 
 LABEL_KINDS = ("member", "score", "pairs", "clean")
 LABEL_FORMATS = ("records", "longismore")
+MIN_RANKED = 5  # a Spearman over fewer joined records is not reported (NaN, shown as a dash)
 
 
 class AgreementError(UserError):
@@ -173,7 +174,7 @@ def agreement_rows(
             target = np.asarray([labels[k] if j else np.nan for k, j in zip(keys, joined, strict=True)])
             for scorer, v in values.items():
                 both = np.isfinite(v) & np.isfinite(target)
-                rho = metrics_lib.spearman(v[both], target[both])
+                rho = metrics_lib.spearman(v[both], target[both]) if both.sum() >= MIN_RANKED else float("nan")
                 rows.append({"label": source.name, "kind": "score", "scorer": scorer, "n": int(both.sum()),
                              "statistic": "Spearman", "value": rho})  # fmt: skip
     return rows
@@ -231,6 +232,10 @@ def _signed(row: dict[str, Any]) -> float:
     return row["value"] if row["statistic"] == "Spearman" else 2.0 * (row["value"] - 0.5)
 
 
+def _number(value: float) -> str:
+    return f"{value:.3f}" if np.isfinite(value) else "–"
+
+
 def write_table(path: pathlib.Path, runs: Sequence[dict[str, Any]]) -> pathlib.Path:
     """agreement.md: per run, one row per label and one column per scorer, and a heat map."""
     parts = ["# Agreement of every scorer with outside labels", ""]
@@ -242,7 +247,7 @@ def write_table(path: pathlib.Path, runs: Sequence[dict[str, Any]]) -> pathlib.P
         for label in labels:
             first = cell[label, scorers[0]]
             n = f"{first['n']}" + (f" ({first['positives']} +)" if "positives" in first else "")
-            table.append([label, first["statistic"], n, *(f"{cell[label, s]['value']:.3f}" for s in scorers)])
+            table.append([label, first["statistic"], n, *(_number(cell[label, s]["value"]) for s in scorers)])
         # One colour scale: Spearman as it is, AUROC and pair shares as 2 x (value - 0.5).
         matrix = np.asarray([[_signed(cell[lab, s]) for s in scorers] for lab in labels], np.float64)
         (path.parent / "plots").mkdir(parents=True, exist_ok=True)
