@@ -73,6 +73,9 @@ def test_records_without_a_response_are_left_out_of_pool_and_eval_sets(tmp_path)
     kept, source, template = selectors._pool_objects(config)
     assert [o["id"] for o in kept] == [0, 2, 3, 5, 6]  # ids stay the file positions; max_pool counts kept ones
     assert source == f"{path} (2 record(s) with an empty response left out, first {path}[1])" and template == "text"
+    config.max_pool = 2  # only the empty records before the last one taken are counted
+    kept, source, _ = selectors._pool_objects(config)
+    assert [o["id"] for o in kept] == [0, 2] and source == f"{path} (1 record(s) with an empty response left out, first {path}[1])"
     config.eval.max_examples = 3
     records, source = compare.eval_records(config.eval, str(path), [])
     assert [r.output for r in records] == ["0", "2", "3"] and "2 example(s) with an empty reference" in source

@@ -105,11 +105,12 @@ def _pool_objects(config) -> tuple[list[dict], str, str]:
             f"{source}: record {chat.id!r} is a conversation ({chat.format}); the text template reads "
             "instruction/input/output only. Add --config.template=chat to use the model's chat template."
         )
-    if empty:
-        kept = {r.position for r in records}
-        out = [o for i, o in enumerate(out) if i in kept]
-        source += f" ({len(empty)} record(s) with an empty response left out, first {empty[0]})"
-    return out[: config.max_pool or None], source, template
+    positions = [r.position for r in records][: config.max_pool or None]
+    # The empty ones among the records read up to the last one kept.
+    left_out = sorted(set(range(positions[-1])) - set(positions))
+    if left_out:
+        source += f" ({len(left_out)} record(s) with an empty response left out, first {source}[{left_out[0]}])"
+    return [out[i] for i in positions], source, template
 
 
 def split_pool(objects: Sequence[dict], heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
