@@ -227,7 +227,7 @@ def _plot(results: dict, path: pathlib.Path) -> str:
     axes.axhline(0.0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(sets)), sets)
     axes.set(title="Held-out NLL per token minus the base model's (lower is better)", ylabel="Δ NLL / token")
-    axes.legend(fontsize="small", ncols=2)
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not on them
     return plots_lib.save_png(figure, path)
 
 
