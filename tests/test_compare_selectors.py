@@ -110,6 +110,9 @@ def test_runlocal_comparison_runs_end_to_end_and_its_table_has_every_selector(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((workdir / "results.json").read_text())["summary"] == results["summary"]
     assert again.stderr.count("already finished") == len(selections) == 8
+    # Every evaluation is saved, so no evaluator compiles (the scoring run still builds its engines).
+    compiled = proc.stderr.count("programs compiled") - again.stderr.count("programs compiled")
+    assert compiled == len(results["eval_sets"]), again.stderr
 
 
 @pytest.mark.slow

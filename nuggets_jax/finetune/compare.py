@@ -225,13 +225,14 @@ def resolve_comparison(
 
 @dataclasses.dataclass(frozen=True)
 class HeldOut:
-    """The held-out set every model is evaluated on, and the compiled evaluator.
+    """The held-out set every model is evaluated on, and its evaluator.
 
     Attributes:
       records: the evaluation examples.
       source: how the report names them.
       pool_overlap: examples that repeat a pool example's instruction and input.
-      evaluator: the base model's evaluator (other parameter states reuse its programs).
+      evaluator: the base model's evaluator (compiled on first use; other parameter states reuse its
+        programs).
       key: what a saved evaluation must match (model, dtype, the tokenized set).
       categories: each example's "category", when every example has one (else None).
     """
@@ -265,7 +266,7 @@ def _held_out(eval_config, spec: ComparisonSpec, loaded, model_fingerprint: str,
 def held_out_set(
     records: list[data_lib.Record], source: str, max_tokens: int, spec: ComparisonSpec, loaded, model_fingerprint, log
 ) -> HeldOut:
-    """An evaluation set with its evaluator compiled on the base model (examples cut at `max_tokens`)."""
+    """An evaluation set with its evaluator on the base model (examples cut at `max_tokens`)."""
     base_model = finetune_step.merge_params(loaded.model, nnx.split(loaded.model)[1], spec.train.dtype)
     template = template_of(spec, loaded.tokenizer)
     bos = spec.train.bos and template.kind == "text"  # a chat template writes its own special tokens

@@ -214,28 +214,38 @@ class Evaluator:
                 f"(ids {', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''})"
             )
         self.prefix = np.asarray(data_lib.leading_special_tokens(tokenizer) if bos else [], np.int32)
-        self.engine = scoring.Engine(model, self.tasks, [len(self.prefix)], engine_config, mesh=mesh, log=log)
-        self.mesh = self.engine.mesh
         self.dtype = model.dtype
-        self._base_state = self.engine.state
-        self._leaves = jax.tree_util.tree_structure(self._base_state)
+        self._engine_args = (model, engine_config, mesh, log)
+        self._engine: scoring.Engine | None = None
+
+    @property
+    def engine(self) -> scoring.Engine:
+        """The scoring engine, compiled on first use: a comparison whose evaluations are all saved
+        compiles nothing."""
+        if self._engine is None:
+            model, engine_config, mesh, log = self._engine_args
+            self._engine = scoring.Engine(model, self.tasks, [len(self.prefix)], engine_config, mesh=mesh, log=log)
+            self._base_state = self._engine.state
+            self._leaves = jax.tree_util.tree_structure(self._base_state)
+        return self._engine
 
     def evaluate(self, params=None) -> EvalResult:
         """Response log-likelihoods under `params` (an nnx state of the base architecture, any float
         dtype; cast to the evaluation dtype), or of the base model when None."""
+        engine = self.engine
         if params is None:
             state = self._base_state
         else:
             if jax.tree_util.tree_structure(params) != self._leaves:
                 raise EvalError("the parameter state does not match the evaluated model's architecture.")
             cast = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)
-            state = jax.device_put(cast, self.engine.state_shardings)  # the programs' layout
+            state = jax.device_put(cast, engine.state_shardings)  # the programs' layout
         # The engine's programs take the state as an argument: same shapes, no recompilation.
-        self.engine.state = state
+        engine.state = state
         try:
-            logp, _, _ = self.engine.zero_shot(self.prefix)
+            logp, _, _ = engine.zero_shot(self.prefix)
         finally:
-            self.engine.state = self._base_state
+            engine.state = self._base_state
         if not np.all(np.isfinite(logp)):
             bad = [self.records[i].id for i in np.flatnonzero(~np.isfinite(logp))[:5]]
             raise EvalError(f"non-finite response log-likelihood for eval records {bad}; check the model/dtype.")
