@@ -15,7 +15,8 @@ with the highest (1 - trade_off) * quality + trade_off * spread, where quality i
 in the shortlist scaled to [0, 1] and spread its cosine distance to the nearest candidate already
 picked (`k_center`) or its gain in facility-location coverage (`facility_location`, of at most
 `FACILITY_CLIENTS` shortlist members), scaled by the step's largest. k_center costs O(M x D) per
-pick and holds no M x M matrix, so it is the one for shortlists of hundreds of thousands. The embeddings are the caller's (the scoring job: `scoring.embedding`).
+pick and holds no M x M matrix, so it is the one for shortlists of hundreds of thousands. The
+embeddings are the caller's (the scoring job: `scoring.embedding`).
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def test_records_without_a_response_are_left_out_of_pool_and_eval_sets(tmp_path)
     assert source == f"{path} (2 record(s) with an empty response left out, first {path}[1])" and template == "text"
     config.max_pool = 2  # only the empty records before the last one taken are counted
     kept, source, _ = selectors._pool_objects(config)
-    assert [o["id"] for o in kept] == [0, 2] and source == f"{path} (1 record(s) with an empty response left out, first {path}[1])"
+    assert [o["id"] for o in kept] == [0, 2]
+    assert source == f"{path} (1 record(s) with an empty response left out, first {path}[1])"
     config.eval.max_examples = 3
     records, source = compare.eval_records(config.eval, str(path), [])
     assert [r.output for r in records] == ["0", "2", "3"] and "2 example(s) with an empty reference" in source
@@ -135,7 +136,8 @@ def test_a_conversation_pool_runs_under_the_chat_template(tmp_path, tiny_model_d
     path = tmp_path / "chat_pool.json"
     path.write_text(json.dumps(pool))
     base = [
-        sys.executable, "-m", "experiments.compare_selectors", f"--config=configs/compare_selectors.py:runlocal,pool={path}",
+        sys.executable, "-m", "experiments.compare_selectors",
+        f"--config=configs/compare_selectors.py:runlocal,pool={path}",
         f"--config.model.path={model}", "--config.progress=False", "--config.eval.sets=('heldout',)",
         "--config.selectors=('win_rate','length','random')", f"--workdir={tmp_path / 'w'}",
     ]  # fmt: skip

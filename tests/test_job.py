@@ -294,8 +294,10 @@ def test_skip_empty_leaves_out_empty_responses_without_losing_the_run(tmp_path, 
     refused = run(score_cmd(tiny_model_dir, path, inputs[1], tmp_path / "w", "--config.metric=length"), check=False)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert f'{path}[3]: field "output" is empty' in refused.stderr and "data.skip_empty=True" in refused.stderr
-    kept = run(score_cmd(tiny_model_dir, path, inputs[1], tmp_path / "w", "--config.metric=length", "--config.data.skip_empty=True"))
-    assert f"left out 1 record(s) with an empty response (data.skip_empty), first {path}[3]" in kept.stdout + kept.stderr
+    flags = ("--config.metric=length", "--config.data.skip_empty=True")
+    kept = run(score_cmd(tiny_model_dir, path, inputs[1], tmp_path / "w", *flags))
+    said = kept.stdout + kept.stderr
+    assert f"left out 1 record(s) with an empty response (data.skip_empty), first {path}[3]" in said
     ids = [json.loads(line)["id"] for line in (tmp_path / "w" / "ranking.jsonl").read_text().splitlines()]
     assert sorted(ids) == sorted(str(r.get("id", i)) for i, r in enumerate(pool) if i != 3)
     assert json.loads((tmp_path / "w" / "fingerprint.json").read_text())["skip_empty"] is True
