@@ -105,6 +105,7 @@ def test_runlocal_comparison_runs_end_to_end_and_its_table_has_every_selector(tm
     report = (workdir / "report.md").read_text()
     for kind in kinds:
         assert f"| {kind} |" in report
+    assert results["template"] == "text" and "the paper's text template" in report
     assert (workdir / "plots" / "selectors.png").is_file()
     # A rerun trains nothing again and gives the same table.
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
@@ -152,3 +153,4 @@ def test_a_conversation_pool_runs_under_the_chat_template(tmp_path, tiny_model_d
     assert [line["selector"] for line in results["summary"]] == ["win_rate", "length", "random"]
     scoring = json.loads((tmp_path / "w" / "scoring" / "config.json").read_text())
     assert scoring["data"]["template"] == "chat"
+    assert results["template"] == "chat" and "the model's chat template" in (tmp_path / "w" / "report.md").read_text()

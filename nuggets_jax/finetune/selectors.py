@@ -43,6 +43,8 @@ from nuggets_jax.finetune import step as finetune_step
 DIVERSE, RANDOM = "diverse", "random"
 SELECTORS = ("win_rate", "mean_logp_gain", DIVERSE, "ifd", "perplexity", "length", RANDOM)
 HELDOUT = "heldout"
+# How the report names each template.
+_TEMPLATE_NAMES = {"text": "the paper's text template", "chat": "the model's chat template"}
 
 
 class SelectorComparisonError(UserError):
@@ -260,7 +262,8 @@ def write_report(workdir: pathlib.Path, results: dict) -> pathlib.Path:
         "# Selector comparison: which k records to fine-tune on",
         "",
         f"- Pool: {results['pool']} ({results['pool_size']} records); {results['heldout']} held out, "
-        f"{results['selection_pool_size']} to select from; every selector picks k = {results['k']}.",
+        f"{results['selection_pool_size']} to select from; every selector picks k = {results['k']}; "
+        f"{_TEMPLATE_NAMES[results.get('template', 'text')]} for the task set, scoring, training and evaluation.",
         f"- Nuggets metrics from a K-means task set of {results['tasks']} tasks (`{results['taskset']}`); baselines "
         f"from the same model's baseline pass; `diverse` = {results['diversity']}.",
         f"- Model: `{results['model']}`; training equal for every selection: {train['steps']} steps of "
@@ -325,27 +328,27 @@ def run_selector_comparison(config: ml_collections.ConfigDict, workdir: str | pa
     train = train.resolved(jax.default_backend())
 
     # 1. Split: held-out pool records for evaluation, the rest to select from.
-    objects, pool_source, template = _pool_objects(config)
+    objects, pool_source, template_kind = _pool_objects(config)
     selection, heldout = split_pool(objects, config.heldout, config.seed)
     pool_path = _write_json(workdir / "data" / "selection_pool.json", selection)
     heldout_path = _write_json(workdir / "data" / "heldout.json", heldout) if heldout else None
     log(
         f"selectors: {len(objects)} pool records from {pool_source}: {len(selection)} to select from, "
-        f"{len(heldout)} held out; {template} template"
+        f"{len(heldout)} held out; {template_kind} template"
     )
 
     # 2. The K-means task set, drawn from the selection pool.
     taskset_config = copy.deepcopy(config.taskset)
     taskset_config.source = str(pool_path)
     taskset_config.model.path = config.model.path
-    taskset_config.data.template = template
+    taskset_config.data.template = template_kind
     tasks_path = tasksets.build_from_config(taskset_config, workdir / "taskset", log)
 
     # 3. One scoring run: every Nuggets metric and every baseline.
     score = copy.deepcopy(config.score)
     score.model.path = config.model.path
     score.data.pool, score.data.tasks = str(pool_path), str(tasks_path)
-    score.data.template = template
+    score.data.template = template_kind
     score.baselines.compute = True
     job.run_score(score, workdir / "scoring", log)
 
@@ -421,6 +424,7 @@ def run_selector_comparison(config: ml_collections.ConfigDict, workdir: str | pa
         "heldout": len(heldout),
         "selection_pool_size": len(selection),
         "k": config.k,
+        "template": template_kind,
         "taskset": str(tasks_path),
         "tasks": len(spec_inputs.tasks),
         "diversity": f"{diversity.describe()} of {config.diversity.metric}",
