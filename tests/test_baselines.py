@@ -123,6 +123,33 @@ def test_length_counts_the_response_before_the_cut(tiny, tmp_path):
     assert (seqs.tasks.n_tokens[: len(records)] < np.asarray(full)).any()
 
 
+def test_a_candidate_whose_prompt_fills_the_cut_gets_nan_and_the_others_keep_their_values(tiny, tmp_path):
+    records = _records()
+    long = data.records_from_objects(
+        [("pool[6]", {"id": "long", "instruction": "Repeat: " + "apple pear " * 40, "output": "apple pear"})], "pool"
+    )
+    prompts = [len(tiny.tokenizer(data.Template().prompt(r), add_special_tokens=False)["input_ids"]) for r in records]
+    limit = max(prompts) + 40  # every short record keeps its whole response, the long prompt fills the cut
+    policy = data.TokenPolicy(max_task_tokens=limit)
+    mixed = [*records[:3], long[0], *records[3:]]
+    seqs = baselines.sequences(tiny.tokenizer, mixed, data.Template(), policy, "pool")
+    assert seqs.unscorable == ("long",) and 3 not in seqs.prompted and 3 not in seqs.alone
+    whole = len(tiny.tokenizer("apple pear", add_special_tokens=False)["input_ids"])
+    assert seqs.length[3] == whole  # the length baseline still counts its response
+    config = baselines.BaselineConfig(chunk_records=1, ifd_max=float("inf"))  # its own chunk has no column
+    assert len(baselines.chunk_columns(seqs, 1)) == len(records)
+    engine = baselines.build_engine(tiny.model, seqs, config, log=lambda m: None)
+    result = baselines.run_baselines(engine, seqs, ScoreStore(tmp_path), config, progress=False)
+    values = metrics.baseline_scores(result.arrays, ifd_max=float("inf"))
+    for key in ("perplexity", "ifd", "response_ppl"):
+        assert np.isnan(values[key][3])
+    ppl, response_ppl, ifd, _ = _direct(tiny.model, tiny.tokenizer, records)
+    rest = np.r_[0:3, 4:7]
+    np.testing.assert_allclose(values["perplexity"][rest], ppl, rtol=1e-4)
+    np.testing.assert_allclose(values["ifd"][rest], ifd, rtol=1e-4)
+    assert result.stats.candidates == len(records)
+
+
 def test_unknown_fields_and_bad_values_are_refused():
     with pytest.raises(baselines.BaselineError, match="chunk_record"):
         baselines.BaselineConfig.from_mapping({"chunk_record": 3})

@@ -4,7 +4,9 @@ Each candidate's response is scored twice by the engine's zero-shot pass (docs/A
 "Baseline scorers"), under the run's template and token policy:
 - after its own prompt: the zero-shot sequence the record would be as a task (`data.tokenize_tasks`,
   cut at `max_task_tokens`, after the leading special tokens when the policy's `zero_shot_special`);
-  `cond_logp` sums its scored response tokens (`cond_tokens`);
+  `cond_logp` sums its scored response tokens (`cond_tokens`). A candidate whose prompt fills
+  `max_task_tokens` has no response token to score: it gets NaN perplexity, IFD and response_ppl
+  (rank last, never selected), and the job names it;
 - alone: the same scored tokens after the tokenizer's leading special tokens (e.g. [BOS]); with
   none, the first response token is context only. `resp_logp` sums them (`resp_tokens`).
 
@@ -78,29 +80,39 @@ class BaselineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Sequences:
-    """The 2C sequences of the pass: every candidate after its prompt, then every response alone.
+    """The sequences of the pass (2C at most): every candidate after its prompt, then every response alone.
 
     Attributes:
-      tasks: the sequences as the engine's task set; column c is candidate c after its prompt,
-        column C + j the response of candidate `alone[j]` alone.
-      alone: [A] candidates whose response keeps a scored token alone (all, when the tokenizer has
-        leading special tokens).
+      tasks: the sequences as the engine's task set; column j < P is candidate `prompted[j]` after
+        its prompt, column P + j the response of candidate `alone[j]` alone.
+      prompted: [P] candidates with a response token inside `max_task_tokens` after their prompt
+        (all but those in `unscorable`).
+      alone: [A] candidates whose response keeps a scored token alone (all prompted ones, when the
+        tokenizer has leading special tokens).
       length: [C] response tokens before the cut.
+      unscorable: ids of the candidates whose prompt fills `max_task_tokens`.
     """
 
     tasks: data_lib.TokenizedTasks
+    prompted: np.ndarray
     alone: np.ndarray
     length: np.ndarray
+    unscorable: tuple[str, ...] = ()
 
 
 def sequences(
     tokenizer, records: Sequence[data_lib.Record], template, policy: data_lib.TokenPolicy, source: str
 ) -> Sequences:
     """Tokenizes the pool for the pass (module docstring)."""
-    cut = data_lib.tokenize_tasks(tokenizer, records, template, policy, source)
-    # The length is of the whole response: only the records the cut shortened are tokenized again.
-    length = cut.n_tokens.astype(np.int64)
-    shortened = np.flatnonzero(cut.cut)
+    unscorable: list[str] = []
+    cut = data_lib.tokenize_tasks(tokenizer, records, template, policy, source, unscorable)
+    left_out = set(unscorable)
+    prompted = np.asarray([c for c, r in enumerate(records) if r.id not in left_out], np.int64)
+    # The length is of the whole response: only the records the cut shortened (or left without a
+    # response token) are tokenized again; a record with no prompt or no response is an error there.
+    length = np.zeros(len(records), np.int64)
+    length[prompted] = cut.n_tokens
+    shortened = np.union1d(prompted[cut.cut], np.setdiff1d(np.arange(len(records)), prompted))
     if shortened.size:
         whole = data_lib.tokenize_tasks(
             tokenizer,
@@ -116,7 +128,7 @@ def sequences(
     ids = [np.concatenate([first, seq]) for seq in cut.ids]
     masks = [np.concatenate([np.zeros(first.size, bool), m]) for m in cut.scored_masks()]
     alone = []
-    for c, (seq, mask) in enumerate(zip(cut.ids, cut.scored_masks(), strict=True)):
+    for c, seq, mask in zip(prompted, cut.ids, cut.scored_masks(), strict=True):
         response = np.concatenate([lead, seq[mask]])
         scored = np.arange(response.size) >= max(1, lead.size)
         if scored.any():
@@ -131,18 +143,22 @@ def sequences(
         np.concatenate([cut.cut, np.zeros(len(alone), bool)]),
         masks,
     )
-    return Sequences(tasks, np.asarray(alone, np.int64), length)
+    return Sequences(tasks, prompted, np.asarray(alone, np.int64), length, tuple(unscorable))
 
 
-def chunk_columns(num_candidates: int, alone: np.ndarray, chunk_records: int) -> list[np.ndarray]:
-    """Per chunk of `chunk_records` candidates, its task columns: each candidate's two sequences."""
-    where_alone = np.full(num_candidates, -1, np.int64)
-    where_alone[alone] = num_candidates + np.arange(alone.size)
+def chunk_columns(seqs: Sequences, chunk_records: int) -> list[np.ndarray]:
+    """Per chunk of `chunk_records` candidates, its task columns: each candidate's two sequences
+    (chunks whose candidates all have none are skipped)."""
+    num = seqs.length.size
+    where = np.full((2, num), -1, np.int64)
+    where[0, seqs.prompted] = np.arange(seqs.prompted.size)
+    where[1, seqs.alone] = seqs.prompted.size + np.arange(seqs.alone.size)
     out = []
-    for start in range(0, num_candidates, chunk_records):
-        members = np.arange(start, min(num_candidates, start + chunk_records))
-        second = where_alone[members]
-        out.append(np.concatenate([members, second[second >= 0]]))
+    for start in range(0, num, chunk_records):
+        members = where[:, start : start + chunk_records]
+        columns = np.concatenate([members[0][members[0] >= 0], members[1][members[1] >= 0]])
+        if columns.size:
+            out.append(columns)
     return out
 
 
@@ -162,7 +178,7 @@ def build_engine(
     """The pass's engine: the 2C sequences as its task set, each chunk's columns as one layout."""
     from nuggets_jax.scoring.engine import Engine
 
-    columns = chunk_columns(seqs.length.size, seqs.alone, config.chunk_records)
+    columns = chunk_columns(seqs, config.chunk_records)
     return Engine(
         model, seqs.tasks, [0], engine_config, mesh=mesh, log=log, column_sets=columns if len(columns) > 1 else ()
     )
@@ -183,8 +199,8 @@ def run_baselines(
     from nuggets_jax.scoring.blocks import progress_bar
     from nuggets_jax.scoring.engine import PassStats, ScoringError
 
-    num = seqs.length.size
-    columns = chunk_columns(num, seqs.alone, config.chunk_records)
+    num, prompted = seqs.length.size, seqs.prompted.size
+    columns = chunk_columns(seqs, config.chunk_records)
     layouts = engine.subset_layouts or [engine.layout]
     logp = np.full(len(seqs.tasks.ids), np.nan, np.float64)
     done, stats = 0, PassStats()
@@ -195,11 +211,11 @@ def run_baselines(
             saved = store.read(name)
             if np.array_equal(saved["columns"], cols):
                 logp[cols] = saved["logp"]
-                done += int(np.sum(cols < num))
+                done += int(np.sum(cols < prompted))
                 continue
         todo.append((i, name, cols))
     empty = np.zeros(0, np.int32)
-    with progress_bar(num, done, progress, "baselines") as bar:
+    with progress_bar(prompted, done, progress, "baselines") as bar:
         bar.unit = "candidate"
         for i, name, cols in todo:
             t0 = time.perf_counter()
@@ -219,19 +235,21 @@ def run_baselines(
             lengths = [len(seqs.tasks.ids[c]) for c in cols]
             stats.wall_s += time.perf_counter() - t0
             stats.calls += len(pending)
-            stats.candidates += int(np.sum(cols < num))
+            stats.candidates += int(np.sum(cols < prompted))
             stats.pairs += cols.size
             stats.task_tokens += int(sum(lengths))
             stats.scored_tokens += int(seqs.tasks.n_tokens[cols].sum())
             stats.flops += engine.model_config.task_flops(0, lengths, seqs.tasks.n_tokens[cols])
-            bar.update(int(np.sum(cols < num)))
-    resp_logp = np.full(num, np.nan)
-    resp_tokens = np.zeros(num, np.int64)
-    resp_logp[seqs.alone] = logp[num:]
-    resp_tokens[seqs.alone] = seqs.tasks.n_tokens[num:]
+            bar.update(int(np.sum(cols < prompted)))
+    cond_logp, resp_logp = np.full(num, np.nan), np.full(num, np.nan)
+    cond_tokens, resp_tokens = np.zeros(num, np.int64), np.zeros(num, np.int64)
+    cond_logp[seqs.prompted] = logp[:prompted]
+    cond_tokens[seqs.prompted] = seqs.tasks.n_tokens[:prompted]
+    resp_logp[seqs.alone] = logp[prompted:]
+    resp_tokens[seqs.alone] = seqs.tasks.n_tokens[prompted:]
     arrays = {
-        "cond_logp": logp[:num],
-        "cond_tokens": seqs.tasks.n_tokens[:num].astype(np.int64),
+        "cond_logp": cond_logp,
+        "cond_tokens": cond_tokens,
         "resp_logp": resp_logp,
         "resp_tokens": resp_tokens,
         "length": seqs.length,

@@ -363,6 +363,13 @@ def run_score(config, workdir: str | pathlib.Path, log: Callable[[str], None] = 
             from nuggets_jax.scoring import baselines
 
             seqs = baselines.sequences(loaded.tokenizer, inputs.pool, template, spec.policy, inputs.pool_source)
+            if seqs.unscorable:
+                shown = ", ".join(repr(i) for i in seqs.unscorable[:5]) + (" ..." if len(seqs.unscorable) > 5 else "")
+                log(
+                    f"baselines: {len(seqs.unscorable)} candidate(s) whose prompt fills "
+                    f"data.max_task_tokens={spec.policy.max_task_tokens} have no perplexity or IFD "
+                    f"(they rank last on those; raise it to score them): ids {shown}"
+                )
     engine = partial = base_engine = None
     if spec.nuggets:
         engine, partial = build_engine(spec, loaded.model, tasks, prefixes, store, log, mesh)
