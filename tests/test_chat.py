@@ -93,6 +93,9 @@ def test_forms_give_the_same_conversation():
     assert parts[0].messages[0] == ("user", "Hi there")
 
 
+TOOL_PARTS = [{"type": "reasoning", "value": "think"}, {"type": "tool_call", "value": "{}"}]
+
+
 @pytest.mark.parametrize(
     "objects, message",
     [
@@ -104,6 +107,10 @@ def test_forms_give_the_same_conversation():
         (
             [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}],
             "empty assistant turn",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": TOOL_PARTS}]}],
+            "empty assistant turn (only text parts are scored; it holds reasoning, tool_call)",
         ),
         ([{"messages": [{"role": "user", "content": "a"}]}], "no assistant turn"),
         ([{"messages": []}], "non-empty list"),

@@ -231,7 +231,12 @@ def _parse_messages(where: str, obj: dict[str, Any], form: str) -> tuple[tuple[s
             )
         content = _content(where, turn, message[content_key])
         if role == "assistant" and not content.strip():
-            raise EmptyResponseError(f"{where}: message {turn} is an empty assistant turn; fill it or drop the turn.")
+            parts = message[content_key] if isinstance(message[content_key], list) else []
+            others = sorted({str(p.get("type")) for p in parts if isinstance(p, dict) and p.get("type") != "text"})
+            kept = f" (only text parts are scored; it holds {', '.join(others)})" if others else ""
+            raise EmptyResponseError(
+                f"{where}: message {turn} is an empty assistant turn{kept}; fill it or drop the turn."
+            )
         messages.append((role, content))
     if not any(role == "assistant" for role, _ in messages):
         raise DataError(f"{where}: the conversation has no assistant turn; it needs a response to score.")
