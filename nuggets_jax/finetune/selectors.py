@@ -350,6 +350,7 @@ def run_selector_comparison(config: ml_collections.ConfigDict, workdir: str | pa
     score.data.pool, score.data.tasks = str(pool_path), str(tasks_path)
     score.data.template = template_kind
     score.baselines.compute = True
+    score.progress = config.progress
     job.run_score(score, workdir / "scoring", log)
 
     # 4. The selections.
