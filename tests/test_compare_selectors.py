@@ -37,6 +37,25 @@ def test_selections_take_each_selectors_best_and_random_per_seed():
     assert not np.array_equal(by_name["random_s0"].indices, by_name["random_s1"].indices)
     with pytest.raises(selectors.SelectorComparisonError, match="only 25 scored records"):
         selectors.choose_selections(values, 26, ("ifd",), (), diversity, "win_rate", embed)
+    # Records too long to train on are picked by no selector.
+    eligible = np.ones(30, bool)
+    eligible[np.argsort(-values["win_rate"])[:3]] = False  # the three best by win rate
+    eligible[[20, 21]] = False
+    names = ("win_rate", "diverse", "random")
+    kept = selectors.choose_selections(values, 6, names, (0, 1, 2), diversity, "win_rate", embed, eligible)
+    for variant in kept:
+        assert eligible[variant.indices].all() and len(set(variant.indices)) == 6
+    best = np.argsort(-np.where(eligible, values["win_rate"], -np.inf))[:6]
+    np.testing.assert_array_equal(kept[0].indices, best)
+    # A draw that holds no ineligible record is kept: the picks of a pool with none (saved comparisons resume).
+    draws = [np.sort(np.random.default_rng(s).choice(30, size=6, replace=False)) for s in (0, 1, 2)]
+    np.testing.assert_array_equal(by_name["random_s0"].indices, draws[0])
+    for seed, variant in zip((0, 1, 2), kept[2:], strict=True):
+        if eligible[draws[seed]].all():
+            np.testing.assert_array_equal(variant.indices, draws[seed])
+    allowed = int(eligible.sum())
+    with pytest.raises(selectors.SelectorComparisonError, match=f"has {allowed} records to pick from"):
+        selectors.choose_selections(values, allowed + 1, ("random",), (0,), diversity, "win_rate", embed, eligible)
 
 
 def test_summary_averages_a_selectors_runs_with_their_spread():

@@ -106,6 +106,16 @@ def test_examples_are_prompt_then_exact_response_then_eos(tiny, tiny_bos_model_d
             assert short.tolist() == [*long.tolist(), tok.eos_token_id]
     with pytest.raises(data.DataError, match="keep no response token within train.max_tokens"):
         finetune_data.tokenize_examples(tok, _records(), template, max_tokens=int(full.response_start.min()))
+    # With a list for them, those records are left out and named; the others are as before.
+    limit = int(np.median(full.response_start)) + 1
+    left_out = []
+    kept = finetune_data.tokenize_examples(tok, _records(), template, limit, eos=False, untrainable=left_out)
+    fits = np.flatnonzero(full.response_start < limit)
+    assert 0 < len(fits) < len(full.ids)
+    assert left_out == [full.record_ids[i] for i in range(len(full.ids)) if i not in fits]
+    assert kept.record_ids == [full.record_ids[i] for i in fits]
+    np.testing.assert_array_equal(kept.response_start, full.response_start[fits])
+    assert [x.tolist() for x in kept.ids] == [full.ids[i][:limit].tolist() for i in fits]
 
 
 def test_data_order_packs_the_stream_in_order_and_visits_every_example_once_per_epoch():

@@ -67,6 +67,7 @@ def tokenize_examples(
     eos: bool = True,
     bos: bool = True,
     source: str = "train",
+    untrainable: list[str] | None = None,
 ) -> Examples:
     """`[leading specials] prompt ++ response [++ eos]`, cut to `max_tokens` (no eos after a cut).
 
@@ -74,8 +75,11 @@ def tokenize_examples(
     its special tokens and end-of-turn text: no bos or eos is added) and the loss is on every
     assistant turn, the scored spans of `data.tokenize_tasks`.
 
+    `untrainable`: None = a record that keeps no response token within `max_tokens` is an error; a
+    list = such records are left out and their ids appended.
+
     Raises:
-      DataError: a record keeps no response token within `max_tokens` (names the ids).
+      DataError: for such a record when `untrainable` is None (names the ids).
       FinetuneError: `eos` is asked for but the tokenizer has no eos token.
     """
     chat = isinstance(template, data_lib.ChatTemplate)
@@ -87,7 +91,7 @@ def tokenize_examples(
     room = max_tokens - len(lead)
     uncut = data_lib.TokenPolicy(max_task_tokens=1 << 30)
     tasks = data_lib.tokenize_tasks(tokenizer, records, template, uncut, source)
-    ids, masks, empty = [], [], []
+    ids, masks, starts, kept, empty = [], [], [], [], []
     for record, seq, start, mask in zip(records, tasks.ids, tasks.response_start, tasks.scored_masks(), strict=True):
         if len(seq) + (1 if eos else 0) <= room:
             ids.append(np.asarray([*lead, *seq.tolist(), *([eos_id] if eos else [])], np.int32))
@@ -97,14 +101,18 @@ def tokenize_examples(
             masks.append(np.concatenate([np.zeros(len(lead), bool), mask[:room]]))
         else:
             empty.append(record.id)
-    if empty:
+            continue
+        starts.append(start + len(lead))
+        kept.append(record.id)
+    if untrainable is not None:
+        untrainable += empty
+    elif empty:
         shown = ", ".join(repr(i) for i in empty[:10]) + (" ..." if len(empty) > 10 else "")
         raise data_lib.DataError(
             f"{source}: {len(empty)} record(s) keep no response token within train.max_tokens={max_tokens}: "
             f"ids {shown}. Raise train.max_tokens or drop them."
         )
-    starts = (tasks.response_start + len(lead)).astype(np.int32)
-    return Examples(ids, starts, [r.id for r in records], masks if chat else None)
+    return Examples(ids, np.asarray(starts, np.int32), kept, masks if chat else None)
 
 
 @dataclasses.dataclass(frozen=True)

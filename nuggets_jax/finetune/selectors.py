@@ -37,6 +37,7 @@ from nuggets_jax import sharding, synthetic
 from nuggets_jax import store as store_lib
 from nuggets_jax.errors import UserError
 from nuggets_jax.finetune import compare
+from nuggets_jax.finetune import data as finetune_data
 from nuggets_jax.finetune import step as finetune_step
 
 # Selectors: any ranking column of the scoring run (a Nuggets metric or a baseline), plus these two.
@@ -147,6 +148,7 @@ def choose_selections(
     diversity: select_lib.Diversity,
     diversity_metric: str,
     embed: Callable[[np.ndarray], np.ndarray],
+    eligible: np.ndarray | None = None,
 ) -> list[compare.Variant]:
     """Each selector's k records (indices into the selection pool).
 
@@ -157,15 +159,28 @@ def choose_selections(
       random_seeds: one random selection per seed.
       diversity: the `diverse` selector's rule over `values[diversity_metric]`.
       embed: pool indices -> [M, D] embeddings (the diverse selector's shortlist).
+      eligible: [C] bool, the records every selector may pick (default all): others are never chosen.
     """
     num = next(iter(values.values())).size
-    if not 1 <= k <= num:
-        raise SelectorComparisonError(f"k={k} must be in [1, {num}] (the selection pool has {num} records).")
+    eligible = np.ones(num, bool) if eligible is None else np.asarray(eligible, bool)
+    values = {name: np.where(eligible, v, np.nan) for name, v in values.items()}
+    allowed = np.flatnonzero(eligible)
+    if not 1 <= k <= allowed.size:
+        raise SelectorComparisonError(
+            f"k={k} must be in [1, {allowed.size}] (the selection pool has {allowed.size} records to pick from)."
+        )
     out = []
     for name in selectors:
         if name == RANDOM:
             for seed in random_seeds:
-                chosen = np.sort(np.random.default_rng(seed).choice(num, size=k, replace=False))
+                # k of the whole pool, the ineligible ones replaced by a draw from the eligible rest: a
+                # uniform k-subset of the eligible records, and the same picks as without `eligible`
+                # when the first draw holds none.
+                rng = np.random.default_rng(seed)
+                drawn = rng.choice(num, size=k, replace=False)
+                drawn = drawn[eligible[drawn]]
+                refill = rng.choice(np.setdiff1d(allowed, drawn), size=k - drawn.size, replace=False)
+                chosen = np.sort(np.concatenate([drawn, refill]))
                 out.append(compare.Variant(f"random_s{seed}", RANDOM, chosen, int(seed)))
         elif name == DIVERSE:
             rule = select_lib.SelectionRule(top_n=k, diversity=diversity)
@@ -176,7 +191,8 @@ def choose_selections(
             if chosen.size < k:
                 raise SelectorComparisonError(
                     f"selector {name!r} has only {chosen.size} scored records for k={k} (the others are NaN, e.g. "
-                    "IFD at or above baselines.ifd_max); lower k or raise score.baselines.ifd_max."
+                    "IFD at or above baselines.ifd_max, or too long to train on); lower k or raise "
+                    "score.baselines.ifd_max."
                 )
             out.append(compare.Variant(name, name, chosen))
     return out
@@ -233,6 +249,11 @@ def _plot(results: dict, path: pathlib.Path) -> str:
     return plots_lib.save_png(figure, path)
 
 
+def _untrainable(results: dict) -> str:
+    n = results.get("untrainable", 0)
+    return f" ({n} of them too long to train on within train.max_tokens, never picked)" if n else ""
+
+
 def write_report(workdir: pathlib.Path, results: dict) -> pathlib.Path:
     """WORKDIR/report.md from results.json's content: the table, the plot and the run details."""
     plots = workdir / "plots"
@@ -262,7 +283,8 @@ def write_report(workdir: pathlib.Path, results: dict) -> pathlib.Path:
         "# Selector comparison: which k records to fine-tune on",
         "",
         f"- Pool: {results['pool']} ({results['pool_size']} records); {results['heldout']} held out, "
-        f"{results['selection_pool_size']} to select from; every selector picks k = {results['k']}; "
+        f"{results['selection_pool_size']} to select from{_untrainable(results)}; every selector picks "
+        f"k = {results['k']}; "
         f"{_TEMPLATE_NAMES[results.get('template', 'text')]} for the task set, scoring, training and evaluation.",
         f"- Nuggets metrics from a K-means task set of {results['tasks']} tasks (`{results['taskset']}`); baselines "
         f"from the same model's baseline pass; `diverse` = {results['diversity']}.",
@@ -378,9 +400,23 @@ def run_selector_comparison(config: ml_collections.ConfigDict, workdir: str | pa
     values = {n: compare.ranking_values(ranking, spec_inputs.pool, n) for n in names}
     diversity = select_lib.Diversity(config.diversity.trade_off, config.diversity.method, config.diversity.shortlist)
     template = compare.template_of(spec, loaded.tokenizer)
+    # Records that keep no response token within train.max_tokens cannot be trained on: no selector picks them.
+    untrainable: list[str] = []
+    finetune_data.tokenize_examples(
+        loaded.tokenizer, spec_inputs.pool, template, train.max_tokens, train.eos, train.bos, "selection pool",
+        untrainable,
+    )  # fmt: skip
+    if untrainable:
+        log(
+            f"selectors: {len(untrainable)} record(s) of the selection pool keep no response token within "
+            f"train.max_tokens={train.max_tokens}; no selector picks them (ids {', '.join(untrainable[:5])}"
+            f"{' ...' if len(untrainable) > 5 else ''})"
+        )
+    left_out = set(untrainable)
+    eligible = np.asarray([r.id not in left_out for r in spec_inputs.pool])
     variants = choose_selections(
         values, config.k, config.selectors, config.random_seeds, diversity, config.diversity.metric,
-        _embedder(loaded, spec_inputs.pool, template, log),
+        _embedder(loaded, spec_inputs.pool, template, log), eligible,
     )  # fmt: skip
     store_lib.atomic_write_bytes(
         workdir / "selections.json",
@@ -425,6 +461,7 @@ def run_selector_comparison(config: ml_collections.ConfigDict, workdir: str | pa
         "heldout": len(heldout),
         "selection_pool_size": len(selection),
         "k": config.k,
+        "untrainable": len(untrainable),
         "template": template_kind,
         "taskset": str(tasks_path),
         "tasks": len(spec_inputs.tasks),
